@@ -1,0 +1,23 @@
+"""The `fusellm` command line. Each stage module contributes its own sub-command."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed fusellm version."""
+    from fusellm import __version__
+
+    typer.echo(__version__)
+
+
+app.command("train")(__import__("fusellm.train.cli", fromlist=["train_command"]).train_command)
+app.command("eval")(__import__("fusellm.evaluate.cli", fromlist=["eval_command"]).eval_command)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,143 @@
+"""Sparse distributions in the target vocabulary: transfer from a source, and fusion (§2.4-2.5).
+
+A distribution over a large vocabulary is kept as its top-k: `ids` [T, k] (int64, -1 = empty
+slot) and `logprobs` [T, k] (float32, -inf = empty). Row t describes the token after position t.
+Everything here is vectorised numpy over whole sequences; nothing is dense over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EMPTY_ID = -1
+
+
+def empty_topk(rows: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((rows, k), EMPTY_ID, dtype=np.int64), np.full((rows, k), -np.inf, dtype=np.float32)
+
+
+def merge_topk(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: add up the probabilities of repeated ids (log-sum-exp), keep the k largest.
+
+    Empty slots (id < 0 or -inf) are dropped; rows with fewer than k ids are padded with empty
+    slots. Ties are broken by the lower id, so the result does not depend on input order.
+    """
+    rows, _ = ids.shape
+    valid = (ids >= 0) & np.isfinite(logprobs)
+    out_ids, out_lp = empty_topk(rows, k)
+    if not valid.any():
+        return out_ids, out_lp
+    stride = int(ids.max()) + 1
+    row_of = np.broadcast_to(np.arange(rows)[:, None], ids.shape)[valid]
+    keys = row_of.astype(np.int64) * stride + ids[valid]
+    unique, inverse = np.unique(keys, return_inverse=True)
+    values = np.full(len(unique), -np.inf)
+    np.logaddexp.at(values, inverse, logprobs[valid].astype(np.float64))
+    u_row, u_id = unique // stride, unique % stride
+    order = np.lexsort((u_id, -values, u_row))  # row, then value descending, then id
+    u_row, u_id, values = u_row[order], u_id[order], values[order]
+    rank = np.arange(len(u_row)) - np.searchsorted(u_row, u_row)
+    keep = rank < k
+    out_ids[u_row[keep], rank[keep]] = u_id[keep]
+    out_lp[u_row[keep], rank[keep]] = values[keep]
+    return out_ids, out_lp
+
+
+def one_hot_topk(next_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The target's own next token with probability 1 (-1 where there is no next token)."""
+    ids, lp = empty_topk(len(next_ids), k)
+    has_next = next_ids >= 0
+    ids[has_next, 0] = next_ids[has_next]
+    lp[has_next, 0] = 0.0
+    return ids, lp
+
+
+def transfer(
+    source_ids: np.ndarray,
+    source_logprobs: np.ndarray,
+    alignment: np.ndarray,
+    source_to_target: np.ndarray,
+    target_next: np.ndarray,
+    k: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A source's top-k moved onto the target's positions and vocabulary.
+
+    Aligned target position i takes the source row `alignment[i]`, each id mapped through the
+    vocabulary map (unmapped ids dropped; ids that land on the same target id merge by
+    log-sum-exp). Unaligned positions get the one-hot of the target's next token (as the paper).
+    """
+    if len(alignment) != len(target_next):
+        raise ValueError(
+            f"alignment has {len(alignment)} positions, target has {len(target_next)}"
+        )
+    ids, lp = one_hot_topk(target_next, k)
+    aligned = np.flatnonzero(alignment >= 0)
+    if aligned.size:
+        rows = alignment[aligned]
+        if rows.max() >= len(source_ids):
+            raise ValueError(
+                f"alignment points at source position {rows.max()}, source has {len(source_ids)}"
+            )
+        mapped = source_to_target[source_ids[rows]]
+        vals = np.where(mapped >= 0, source_logprobs[rows], -np.inf)
+        ids[aligned], lp[aligned] = merge_topk(mapped, vals, k)
+    return ids, lp.astype(np.float32)
+
+
+def _candidate_stack(candidates) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.stack([c[0] for c in candidates])  # [C, T, k]
+    lps = np.stack([c[1] for c in candidates])
+    return ids, lps
+
+
+def _ce_matrix(ce, n_candidates: int, rows: int) -> np.ndarray:
+    """CE as [C, T]: a per-sequence CE [C] is broadcast over positions. NaN means 'absent'."""
+    ce = np.asarray(ce, dtype=np.float64)
+    if ce.shape[0] != n_candidates:
+        raise ValueError(f"got {ce.shape[0]} CE values for {n_candidates} candidates")
+    if ce.ndim == 1:
+        ce = np.repeat(ce[:, None], rows, axis=1)
+    return np.where(np.isnan(ce), np.inf, ce)
+
+
+def min_ce(candidates, ce) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MinCE: at each position take the candidate with the lowest CE (the first one on ties).
+
+    `candidates` is a list of (ids, logprobs) [T, k]; put the target's own distribution first.
+    `ce` is [C] (per sequence, the paper) or [C, T] (per token; NaN/inf = not a candidate there).
+    Returns (ids, logprobs, winner [T]).
+    """
+    ids, lps = _candidate_stack(candidates)
+    costs = _ce_matrix(ce, len(candidates), ids.shape[1])
+    winner = np.argmin(costs, axis=0)
+    rows = np.arange(ids.shape[1])
+    return ids[winner, rows], lps[winner, rows], winner
+
+
+def avg_ce(candidates, ce, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AvgCE: mix the candidates with weights proportional to exp(-CE), then keep the top-k.
+
+    Returns (ids, logprobs, weights [C, T]).
+    """
+    ids, lps = _candidate_stack(candidates)
+    costs = _ce_matrix(ce, len(candidates), ids.shape[1])
+    if np.isinf(costs.min(axis=0)).any():
+        raise ValueError("AvgCE: some position has no candidate with a finite CE")
+    shifted = -(costs - costs.min(axis=0, keepdims=True))
+    weights = np.exp(shifted)
+    weights /= weights.sum(axis=0, keepdims=True)
+    with np.errstate(divide="ignore"):
+        log_w = np.log(weights)[:, :, None]
+    mixed_ids = ids.transpose(1, 0, 2).reshape(ids.shape[1], -1)
+    mixed_lp = (lps + log_w).transpose(1, 0, 2).reshape(ids.shape[1], -1)
+    out_ids, out_lp = merge_topk(mixed_ids, mixed_lp, k)
+    return out_ids, out_lp.astype(np.float32), weights
+
+
+def fuse(candidates, ce, *, method: str = "min_ce", k: int | None = None):
+    """Dispatch to MinCE or AvgCE; returns (ids, logprobs, winner-or-weights)."""
+    if method == "min_ce":
+        return min_ce(candidates, ce)
+    if method == "avg_ce":
+        return avg_ce(candidates, ce, k or candidates[0][0].shape[1])
+    raise ValueError(f"unknown fusion method {method!r}; expected 'min_ce' or 'avg_ce'")

@@ -1,0 +1,196 @@
+"""Fused training data: the target's pieces with one fused top-k distribution per position.
+
+Inputs are the pieces (text), the target's own top-k store, and per source its store, tokenizer
+and vocabulary map. For every piece: align each source to the target (character offsets), move
+its top-k into the target's positions and vocabulary, then fuse the candidates (the target's own
+distribution first, then the sources) with MinCE or AvgCE, per sequence or per token.
+
+The output is itself a top-k store in the target vocabulary (`fusellm.store`), which the trainer
+reads. Per source we record aligned coverage, exact-map rate and MinCE win rate.
+
+Sequence CE can be compared per token (the paper) or per byte (`ce_unit="byte"`, the default):
+models with different tokenizers spread the same text over different numbers of tokens, so only
+nats per byte are comparable across them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fusellm.align import pair_ends, token_end_chars
+from fusellm.fingerprint import sha256_texts, tokenizer_fingerprint
+from fusellm.fuse import fuse, transfer
+from fusellm.store import StoreError, TopkRecord, TopkStore, TopkWriter
+from fusellm.vocab import VocabMap
+
+FUSIONS = ("min_ce", "avg_ce")
+GRANULARITIES = ("sequence", "token")
+CE_UNITS = ("token", "byte")
+
+
+@dataclass
+class SourceData:
+    """What fusion needs from one source model."""
+
+    name: str
+    tokenizer: object
+    store: TopkStore
+    vocab_map: VocabMap
+
+
+def _check_store(store: TopkStore, tokenizer, pieces: Sequence[str], who: str) -> None:
+    """Fail before any work if a store does not belong to this tokenizer and these pieces."""
+    meta = store.meta
+    if meta.get("tokenizer_fingerprint") != tokenizer_fingerprint(tokenizer):
+        raise StoreError(
+            f"{store.dir}: the {who} store was made with another tokenizer "
+            "(tokenizer fingerprint differs); re-run extraction for it"
+        )
+    if len(store) != len(pieces):
+        raise StoreError(f"{store.dir}: the {who} store has {len(store)} records for {len(pieces)} pieces")
+    if "texts_sha256" in meta and meta["texts_sha256"] != sha256_texts(pieces):
+        raise StoreError(f"{store.dir}: the {who} store was made from other pieces (texts differ)")
+
+
+def _sequence_ce(record: TopkRecord, n_bytes: int, unit: str) -> float:
+    if unit == "token":
+        return record.ce
+    return record.ce * (len(record) - 1) / max(n_bytes, 1)
+
+
+def _token_ce(record: TopkRecord, rows: np.ndarray, who: str) -> np.ndarray:
+    if record.token_ce is None:
+        raise StoreError(f"per-token fusion needs per-token CE, but the {who} store has none")
+    out = np.full(len(rows), np.nan)
+    ok = rows >= 0
+    out[ok] = record.token_ce[rows[ok]]
+    return out
+
+
+def _with_eos(text_alignment: np.ndarray) -> np.ndarray:
+    """Add the EOS position: it predicts nothing, so it stays unaligned (the loss skips it)."""
+    return np.append(text_alignment, -1)
+
+
+def fuse_piece(text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k):
+    """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring."""
+    t_ids, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_record.input_ids[:-1])
+    target_next = np.append(target_record.input_ids[1:], -1)
+    n_bytes = len(text.encode("utf-8"))
+    candidates = [(target_record.ids[:, :k], target_record.logprobs[:, :k])]
+    seq_ce = [_sequence_ce(target_record, n_bytes, ce_unit)]
+    tok_ce = []
+    if granularity == "token":
+        if target_record.token_ce is None:
+            raise StoreError("per-token fusion needs per-token CE, but the target store has none")
+        # The target is always a candidate; after EOS nothing is predicted (CE is NaN there).
+        tok_ce.append(np.nan_to_num(target_record.token_ce, nan=0.0))
+    stats = []
+    for source, record in zip(sources, source_records):
+        _, s_ends = token_end_chars(text, source.tokenizer, role=f"source '{source.name}'", ids=record.input_ids[:-1])
+        alignment = _with_eos(pair_ends(t_ends, s_ends))
+        ids, lps = transfer(record.ids, record.logprobs, alignment, source.vocab_map.source_to_target, target_next, k)
+        candidates.append((ids, lps))
+        seq_ce.append(_sequence_ce(record, n_bytes, ce_unit))
+        if granularity == "token":
+            tok_ce.append(_token_ce(record, alignment, f"source '{source.name}'"))
+        aligned = alignment[:-1] >= 0  # the last position (after EOS) predicts nothing
+        top1 = record.ids[alignment[:-1][aligned], 0]
+        stats.append(
+            {
+                "positions": int(len(aligned)),
+                "aligned": int(aligned.sum()),
+                "exact_top1": int(source.vocab_map.exact[top1].sum()),
+            }
+        )
+    ce = np.array(seq_ce) if granularity == "sequence" else np.stack(tok_ce)
+    ids, lps, decision = fuse(candidates, ce, method=method, k=k)
+    if method == "min_ce":
+        for n, stat in enumerate(stats, start=1):
+            stat["wins"] = int((decision == n).sum()) if granularity == "token" else int(decision[0] == n)
+    return ids, lps, stats
+
+
+def build_fused_store(
+    pieces: Sequence[str],
+    target_tokenizer,
+    target_store: TopkStore,
+    sources: Sequence[SourceData],
+    out_dir,
+    *,
+    method: str = "min_ce",
+    granularity: str = "sequence",
+    ce_unit: str = "byte",
+    top_k: int | None = None,
+    shard_size: int = 256,
+    progress: bool = True,
+) -> dict:
+    """Write the fused training store for `pieces`; returns its manifest with per-source stats."""
+    for value, allowed, field in (
+        (method, FUSIONS, "method"),
+        (granularity, GRANULARITIES, "granularity"),
+        (ce_unit, CE_UNITS, "ce_unit"),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{field}={value!r}; expected one of {', '.join(allowed)}")
+    pieces = list(pieces)
+    _check_store(target_store, target_tokenizer, pieces, "target")
+    for source in sources:
+        _check_store(source.store, source.tokenizer, pieces, f"source '{source.name}'")
+    k = top_k or target_store.top_k
+    meta = {
+        "tokenizer_fingerprint": tokenizer_fingerprint(target_tokenizer),
+        "texts_sha256": sha256_texts(pieces),
+        "sources": [s.name for s in sources],
+        "source_stores": [s.store.meta.get("model_fingerprint") for s in sources],
+        "target_store": target_store.meta.get("model_fingerprint"),
+        "vocab_maps": [s.vocab_map.key for s in sources],
+        "method": method,
+        "granularity": granularity,
+        "ce_unit": ce_unit,
+    }
+    writer = TopkWriter(
+        Path(out_dir), top_k=k, vocab_size=target_store.manifest["vocab_size"], meta=meta, shard_size=shard_size
+    )
+    bar = tqdm(total=len(pieces), desc=f"fuse ({method}, {granularity})", unit="piece", disable=not progress)
+    for shard_index, start in enumerate(range(0, len(pieces), shard_size)):
+        stop = min(start + shard_size, len(pieces))
+        if shard_index < writer.done_shards:  # resumed: this shard is already on disk
+            bar.update(stop - start)
+            continue
+        records = []
+        totals = {s.name: {"positions": 0, "aligned": 0, "exact_top1": 0, "wins": 0} for s in sources}
+        for i in range(start, stop):
+            target_record = target_store[i]
+            ids, lps, stats = fuse_piece(
+                pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
+                method=method, granularity=granularity, ce_unit=ce_unit, k=k,
+            )
+            for source, stat in zip(sources, stats):
+                for key, value in stat.items():
+                    totals[source.name][key] += value
+            records.append(TopkRecord(target_record.input_ids, ids, lps, target_record.ce))
+            bar.update(1)
+        writer.write_shard(records, source_sha256=sha256_texts(pieces[start:stop]), stats=totals)
+    bar.close()
+    return writer.finish(sources_stats=_summarise(writer.manifest["shards"], sources, granularity, len(pieces)))
+
+
+def _summarise(shards: list, sources: Sequence[SourceData], granularity: str, n_pieces: int) -> dict:
+    out = {}
+    for source in sources:
+        t = {key: sum(shard["stats"][source.name][key] for shard in shards) for key in
+             ("positions", "aligned", "exact_top1", "wins")}
+        decisions = t["positions"] if granularity == "token" else n_pieces
+        out[source.name] = {
+            "aligned_coverage": t["aligned"] / max(t["positions"], 1),
+            "exact_map_rate_top1": t["exact_top1"] / max(t["aligned"], 1),
+            "exact_map_rate_vocab": float(source.vocab_map.exact.mean()),
+            "min_ce_win_rate": t["wins"] / max(decisions, 1),
+        }
+    return out

@@ -1,0 +1,74 @@
+"""Shared fixtures: the real tokenizers in ../shared/tokenizers and small local corpora."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REAL_TOKENIZERS = ("llama-spm", "mpt", "gpt-2")
+
+
+def _shared_dir() -> Path:
+    """../shared next to the checkout (FUSELLM_SHARED_DIR overrides)."""
+    if "FUSELLM_SHARED_DIR" in os.environ:
+        return Path(os.environ["FUSELLM_SHARED_DIR"])
+    return Path(__file__).resolve().parents[1].parent / "shared"
+
+
+TOKENIZER_DIR = _shared_dir() / "tokenizers"
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers():
+    """name -> fast tokenizer for each real vocabulary (Llama-2 SPM, MPT, GPT-2)."""
+    from transformers import AutoTokenizer
+
+    missing = [n for n in REAL_TOKENIZERS if not (TOKENIZER_DIR / n / "tokenizer.json").exists()]
+    if missing:
+        pytest.fail(f"real tokenizers missing under {TOKENIZER_DIR}: {missing}")
+    return {n: AutoTokenizer.from_pretrained(str(TOKENIZER_DIR / n)) for n in REAL_TOKENIZERS}
+
+
+@pytest.fixture(scope="session")
+def english_texts():
+    """Paragraphs of the standard library's English documentation."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
+@pytest.fixture(scope="session")
+def code_texts():
+    """Source files of the standard library (a fixed, sorted selection)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))[:40]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+@pytest.fixture(scope="session")
+def small_corpus(english_texts, code_texts):
+    """A few hundred short mixed pieces (prose and code)."""
+    prose = [t[:300] for t in english_texts[:60]]
+    code = [t[:300] for t in code_texts[:30]]
+    return prose + code
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizers(small_corpus):
+    """Locally trained tokenizers of the three families."""
+    from fusellm.tiny import train_tokenizer
+
+    return {
+        "spm": train_tokenizer(small_corpus, "spm", 600),
+        "bytelevel": train_tokenizer(small_corpus, "bytelevel", 800),
+        "wordpiece": train_tokenizer(small_corpus, "wordpiece", 700),
+    }
