@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+from fusellm.extract import extract_topk
+from fusellm.fuse import avg_ce, merge_topk, min_ce, one_hot_topk, transfer
+from fusellm.fused_data import SourceData, build_fused_store
+from fusellm.store import StoreError, open_topk
+from fusellm.tiny import tiny_model
+from fusellm.vocab import build_vocab_map
+
+NEG = -np.inf
+
+
+def test_merge_topk_sums_duplicates_and_sorts():
+    ids = np.array([[3, 5, 3, -1], [7, 7, 7, 2]])
+    lp = np.log(np.array([[0.2, 0.3, 0.1, 0.5], [0.1, 0.1, 0.1, 0.05]]))
+    out_ids, out_lp = merge_topk(ids, lp, k=3)
+    np.testing.assert_array_equal(out_ids, [[3, 5, -1], [7, 2, -1]])
+    np.testing.assert_allclose(np.exp(out_lp[0, :2]), [0.3, 0.3])
+    np.testing.assert_allclose(np.exp(out_lp[1, :2]), [0.3, 0.05])
+    assert np.isneginf(out_lp[:, 2]).all()
+
+
+def test_merge_topk_keeps_k_largest_tie_lower_id():
+    ids = np.array([[9, 4, 6, 1]])
+    lp = np.log(np.array([[0.25, 0.25, 0.4, 0.1]]))
+    out_ids, _ = merge_topk(ids, lp, k=2)
+    np.testing.assert_array_equal(out_ids, [[6, 4]])
+
+
+def test_transfer_maps_merges_and_fills_one_hot():
+    source_ids = np.array([[0, 1, 2], [2, 3, 0]])
+    source_lp = np.log(np.array([[0.5, 0.3, 0.1], [0.6, 0.2, 0.1]]))
+    to_target = np.array([10, 10, -1, 11])  # ids 0 and 1 land on 10; id 2 unmapped
+    alignment = np.array([1, -1, 0])
+    target_next = np.array([20, 21, -1])
+    ids, lp = transfer(source_ids, source_lp, alignment, to_target, target_next, k=3)
+    np.testing.assert_array_equal(ids[0, :2], [11, 10])  # row 1 of the source: 3 -> 11, 0 -> 10
+    np.testing.assert_allclose(np.exp(lp[0, :2]), [0.2, 0.1], rtol=1e-6)
+    np.testing.assert_array_equal(ids[1], [21, -1, -1])  # unaligned: the target's next token
+    assert lp[1, 0] == 0.0
+    np.testing.assert_array_equal(ids[2, :1], [10])
+    np.testing.assert_allclose(np.exp(lp[2, 0]), 0.8, rtol=1e-6)
+
+
+def candidates():
+    a = (np.array([[1, 2], [3, 4]]), np.log(np.array([[0.6, 0.4], [0.7, 0.3]])))
+    b = (np.array([[2, 5], [3, 6]]), np.log(np.array([[0.9, 0.1], [0.5, 0.5]])))
+    return [a, b]
+
+
+def test_min_ce_per_sequence_and_per_token():
+    ids, lp, winner = min_ce(candidates(), np.array([2.0, 1.0]))
+    np.testing.assert_array_equal(ids, candidates()[1][0])
+    assert (winner == 1).all()
+    ids, _, winner = min_ce(candidates(), np.array([[1.0, 3.0], [2.0, np.nan]]))
+    np.testing.assert_array_equal(winner, [0, 0])  # NaN = absent
+    ids, _, winner = min_ce(candidates(), np.array([[1.0, 1.0], [1.0, 0.5]]))
+    np.testing.assert_array_equal(winner, [0, 1])  # ties go to the first (the target)
+    np.testing.assert_array_equal(ids, [[1, 2], [3, 6]])
+
+
+def test_avg_ce_weights_by_exp_minus_ce():
+    ce = np.array([1.0, 1.0 + np.log(3.0)])  # weights 3/4 and 1/4
+    ids, lp, weights = avg_ce(candidates(), ce, k=3)
+    np.testing.assert_allclose(weights[:, 0], [0.75, 0.25])
+    probs = dict(zip(ids[0], np.exp(lp[0])))
+    assert probs[2] == pytest.approx(0.75 * 0.4 + 0.25 * 0.9, rel=1e-6)
+    assert probs[1] == pytest.approx(0.75 * 0.6, rel=1e-6)
+    assert probs[5] == pytest.approx(0.25 * 0.1, rel=1e-5)
+    per_token = avg_ce(candidates(), np.array([[1.0, 1.0], [np.nan, 1.0]]), k=2)
+    np.testing.assert_allclose(per_token[2][:, 0], [1.0, 0.0])
+
+
+def test_one_hot():
+    ids, lp = one_hot_topk(np.array([4, -1]), 2)
+    np.testing.assert_array_equal(ids, [[4, -1], [-1, -1]])
+    assert lp[0, 0] == 0 and np.isneginf(lp[1]).all()
+
+
+@pytest.fixture(scope="module")
+def fusion_inputs(tmp_path_factory, tiny_tokenizers, small_corpus):
+    root = tmp_path_factory.mktemp("fusion")
+    pieces = [t[:160] for t in small_corpus[:12]]
+    t_tok, s_tok = tiny_tokenizers["spm"], tiny_tokenizers["bytelevel"]
+    extract_topk(tiny_model("llama", t_tok, seed=0), t_tok, pieces, root / "target", top_k=4, progress=False)
+    extract_topk(tiny_model("gpt_neox", s_tok, seed=1), s_tok, pieces, root / "source", top_k=4, progress=False)
+    source = SourceData("neox", s_tok, open_topk(root / "source"), build_vocab_map(s_tok, t_tok, progress=False))
+    return root, pieces, t_tok, source
+
+
+@pytest.mark.parametrize("method", ["min_ce", "avg_ce"])
+@pytest.mark.parametrize("granularity", ["sequence", "token"])
+def test_build_fused_store(fusion_inputs, method, granularity):
+    root, pieces, t_tok, source = fusion_inputs
+    out = root / f"fused-{method}-{granularity}"
+    manifest = build_fused_store(
+        pieces, t_tok, open_topk(root / "target"), [source], out,
+        method=method, granularity=granularity, shard_size=5, progress=False,
+    )
+    stats = manifest["sources_stats"]["neox"]
+    assert 0.3 < stats["aligned_coverage"] <= 1.0
+    assert 0.0 <= stats["exact_map_rate_top1"] <= 1.0
+    assert 0.0 <= stats["min_ce_win_rate"] <= 1.0
+    fused = open_topk(out)
+    target = open_topk(root / "target")
+    assert len(fused) == len(pieces) and fused.meta["sources"] == ["neox"]
+    for i in range(len(pieces)):
+        np.testing.assert_array_equal(fused[i].input_ids, target[i].input_ids)
+        rows = fused[i].logprobs[:-1]
+        assert (np.exp(rows).sum(-1) <= 1.02).all() and np.isfinite(rows[:, 0]).all()
+
+
+def test_sequence_min_ce_picks_the_lower_byte_ce(fusion_inputs):
+    root, pieces, t_tok, source = fusion_inputs
+    target = open_topk(root / "target")
+    out = root / "fused-check"
+    build_fused_store(pieces, t_tok, target, [source], out, progress=False)
+    fused = open_topk(out)
+    for i, text in enumerate(pieces):
+        n_bytes = len(text.encode())
+        t_ce = target[i].ce * (len(target[i]) - 1) / n_bytes
+        s_ce = source.store[i].ce * (len(source.store[i]) - 1) / n_bytes
+        same_as_target = np.array_equal(fused[i].ids, target[i].ids)
+        assert same_as_target == (t_ce <= s_ce)
+
+
+def test_mismatched_inputs_fail_before_work(fusion_inputs, tiny_tokenizers):
+    root, pieces, t_tok, source = fusion_inputs
+    target = open_topk(root / "target")
+    wrong = SourceData("neox", tiny_tokenizers["wordpiece"], source.store, source.vocab_map)
+    with pytest.raises(StoreError, match="source 'neox' store was made with another tokenizer"):
+        build_fused_store(pieces, t_tok, target, [wrong], root / "x", progress=False)
+    with pytest.raises(StoreError, match="records for 11 pieces"):
+        build_fused_store(pieces[:-1], t_tok, target, [source], root / "x", progress=False)
+    with pytest.raises(StoreError, match="other pieces"):
+        build_fused_store(pieces[::-1], t_tok, target, [source], root / "x", progress=False)
+    with pytest.raises(ValueError, match="method='best'"):
+        build_fused_store(pieces, t_tok, target, [source], root / "x", method="best", progress=False)
+    assert not (root / "x").exists()
