@@ -1,0 +1,167 @@
+"""Run one suite on one model through lm-eval's Python API and keep what MLflow should store.
+
+Order matters: the suite and its data are resolved first, so a missing file or an offline Hub is
+reported before any model is loaded. The output folder is built under a temporary name and
+renamed when complete: results.json (our summary), lm_eval_results.json (lm-eval's own report)
+and samples/<task>.jsonl (lm-eval's per-sample logs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+from fusellm.evaluate.data import DataConfig, offline_if
+from fusellm.evaluate.results import SuiteResult, parse_lm_eval, write_text_atomic
+from fusellm.evaluate.suites import resolve
+
+
+def _model_folder(path: Path) -> Path:
+    if not path.is_dir():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model folder {path} has no config.json; expected a Hugging Face model folder "
+            "(save_pretrained output)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"model folder {path} has no *.safetensors weights; pickled weights are not loaded "
+            "(re-save with save_pretrained(safe_serialization=True))"
+        )
+    return path
+
+
+def load_lm(model, *, tokenizer=None, batch_size=1, device="cpu", trust_remote_code=False):
+    """lm-eval's HFLM around a model folder or an in-memory Hugging Face causal LM."""
+    from lm_eval.models.huggingface import HFLM
+
+    if isinstance(model, (str, os.PathLike)):
+        folder = _model_folder(Path(model))
+        return HFLM(
+            pretrained=str(folder),
+            tokenizer=tokenizer,
+            device=device,
+            batch_size=batch_size,
+            trust_remote_code=trust_remote_code,
+        )
+    if tokenizer is None:
+        raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
+    return HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+
+
+def _model_label(model) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return Path(model).name
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
+def _write_samples(folder: Path, samples: dict) -> dict[str, int]:
+    from lm_eval.utils import handle_non_serializable
+
+    folder.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for task, rows in samples.items():
+        text = "".join(json.dumps(r, default=handle_non_serializable) + "\n" for r in rows)
+        write_text_atomic(folder / f"{task}.jsonl", text)
+        counts[task] = len(rows)
+    return counts
+
+
+def run_suite(
+    model,
+    suite: str,
+    *,
+    output_dir: str | Path,
+    tokenizer=None,
+    data_dir: str | Path | None = None,
+    data: DataConfig | None = None,
+    tasks: list[str] | None = None,
+    limit: float | None = None,
+    batch_size: int = 1,
+    device: str = "cpu",
+    max_gen_toks: int | None = None,
+    bootstrap_iters: int = 1000,
+    trust_remote_code: bool = False,
+    label: str | None = None,
+) -> SuiteResult:
+    """Evaluate `model` (a model folder or an in-memory HF causal LM) on `suite`.
+
+    data_dir: local JSONL files in the Hub layout (shortcut for DataConfig(data_dir=...));
+    tasks: run only these leaf tasks of the suite; limit: at most this many documents per task;
+    max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers).
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if data is None and data_dir is not None:
+        data = DataConfig(data_dir=Path(data_dir))
+    resolved = resolve(suite, data, tasks)  # every input checked before the model is loaded
+    output_dir = Path(output_dir)
+    lm = load_lm(
+        model,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        device=device,
+        trust_remote_code=trust_remote_code,
+    )
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        # lm-eval loads the group from an indexed file (an inline dict would leak group keys into
+        # its tasks); the file also records which task configuration and data gave the scores.
+        spec_file = staging / "suite_config.yaml"
+        spec_file.write_text(yaml.safe_dump(resolved.spec, sort_keys=False))
+        manager = TaskManager(
+            include_path=[str(p) for p in resolved.suite.include_paths] + [str(staging)],
+            include_defaults=False,
+        )
+        with offline_if(data is not None and data.source == "cache"):
+            out = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=[resolved.suite.group],
+                task_manager=manager,
+                limit=limit,
+                device=device,
+                bootstrap_iters=bootstrap_iters,
+                log_samples=True,
+                gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+            )
+        metrics, stderr = parse_lm_eval(out["results"], resolved.tasks)
+        extra = {}
+        if suite == "multipl-e":
+            from fusellm.evaluate.sandbox import isolation
+
+            extra["sandbox"] = isolation()
+        counts = _write_samples(staging / "samples", out.get("samples", {}))
+        result = SuiteResult(
+            suite=suite,
+            model=label or _model_label(model),
+            primary_metric=resolved.suite.primary_metric,
+            higher_is_better=resolved.suite.higher_is_better,
+            metrics=metrics,
+            stderr=stderr,
+            skipped=resolved.skipped,
+            samples_dir=str(output_dir / "samples"),
+            n_samples=counts,
+            extra=extra,
+        )
+        from lm_eval.utils import handle_non_serializable
+
+        report = {k: v for k, v in out.items() if k != "samples"}
+        write_text_atomic(
+            staging / "lm_eval_results.json",
+            json.dumps(report, indent=2, default=handle_non_serializable),
+        )
+        result.save(staging / "results.json")
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
