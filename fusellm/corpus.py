@@ -1,0 +1,338 @@
+"""The fusion corpus: documents from local files, saved or Hub datasets, or S3.
+
+A `CorpusRef` names where the texts are; `iter_documents` yields them as strings, always in the same
+order (files sorted by relative path, rows in file order), so pieces and every downstream stage are
+reproducible; `check_corpus` finds structural mistakes (missing path, unknown file type, missing
+column or split) before any expensive work; `corpus_fingerprint` says cheaply whether it changed.
+
+Formats, by file suffix (a folder may mix them, and nest them):
+
+* ``.txt``: one document per file. Text files usually hold whole documents (a book, an article,
+  a source file) whose blank lines are paragraph breaks, not document breaks; splitting there
+  would cut context the models should see. Long documents are cut later, by `fusellm.pieces`.
+* ``.jsonl``: one JSON object per line, the document in ``text_field``; blank lines are skipped.
+* ``.parquet``: the ``text_field`` column, read in record batches with pyarrow.
+* a folder written by ``datasets.save_to_disk`` (``state.json`` or ``dataset_dict.json`` inside).
+* ``hf://datasets/org/name[@revision]``: ``datasets.load_dataset`` with its own cache; offline mode
+  (``HF_HUB_OFFLINE``) works from that cache.
+* ``s3://bucket/key-or-prefix``: mirrored with `fusellm.sources.fetch_s3`, then read as above.
+
+Malformed input is reported with the file, the line or row, and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fusellm.sources import (
+    FETCH_STATE,
+    MANIFEST,
+    HubURI,
+    S3URI,
+    SourceError,
+    check_endpoint,
+    fetch_s3,
+    hub_commit,
+    hub_offline,
+    list_s3,
+    listing_hash,
+    local_identity,
+    parse_uri,
+    s3_cache_folder,
+)
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+class CorpusError(SourceError):
+    """The corpus cannot be read; the message names the file, line or row, and field."""
+
+
+class CorpusRef(BaseModel):
+    """Where the fusion corpus lives and which field holds the text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    uri: str
+    text_field: str = "text"
+    split: str | None = None  # for datasets with several splits (Hub: default "train")
+    limit: int | None = Field(default=None, gt=0)  # first N documents only
+    endpoint_url: str | None = None  # S3 only; else FUSELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, uri: str) -> str:
+        parsed = parse_uri(uri)
+        if isinstance(parsed, HubURI) and parsed.repo_type != "dataset":
+            raise CorpusError(f"{uri!r}: a Hub corpus is written hf://datasets/org/name")
+        return uri
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        return check_endpoint(url)
+
+
+def default_cache() -> Path:
+    """Where remote corpora are mirrored: FUSELLM_CACHE, else ~/.cache/fusellm."""
+    return Path(os.environ.get("FUSELLM_CACHE") or Path.home() / ".cache" / "fusellm")
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents
+
+
+def iter_documents(ref: CorpusRef, cache_dir: str | Path | None = None) -> Iterator[str]:
+    """Documents of the corpus, in a fixed order, at most `ref.limit` of them."""
+    count = 0
+    for doc in _documents(ref, cache_dir):
+        yield doc
+        count += 1
+        if ref.limit is not None and count >= ref.limit:
+            return  # before reading further: rows past the limit are never parsed
+
+
+def _documents(ref: CorpusRef, cache_dir: str | Path | None) -> Iterator[str]:
+    uri = parse_uri(ref.uri)
+    if isinstance(uri, HubURI):
+        yield from read_hub_dataset(uri, ref.text_field, ref.split)
+        return
+    if isinstance(uri, S3URI):
+        path = fetch_s3(
+            uri, s3_cache_folder(cache_dir or default_cache(), uri), endpoint_url=ref.endpoint_url
+        )
+    else:
+        path = uri.path
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist")
+    yield from read_path(path, ref.text_field, ref.split)
+
+
+def read_path(path: Path, field: str, split: str | None = None) -> Iterator[str]:
+    """Documents of a file or folder (recursively, sorted by relative path)."""
+    if path.is_file():
+        yield from read_file(path, field)
+    elif is_saved_dataset(path):
+        yield from read_saved_dataset(path, field, split)
+    else:
+        for child in _corpus_entries(path):
+            yield from read_path(child, field, split)
+
+
+def _corpus_entries(folder: Path) -> list[Path]:
+    """Files and subfolders that belong to the corpus, sorted; unknown file types are errors."""
+    entries = []
+    for child in sorted(folder.iterdir(), key=lambda p: p.name):
+        if child.name.startswith(".") or child.name in (MANIFEST, FETCH_STATE):
+            continue
+        if child.is_file() and child.suffix not in SUFFIXES:
+            raise CorpusError(
+                f"corpus file {child} has an unsupported type {child.suffix!r}; expected one of "
+                f"{', '.join(SUFFIXES)} or a saved datasets folder"
+            )
+        entries.append(child)
+    return entries
+
+
+def read_file(path: Path, field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield read_txt(path)
+    elif path.suffix == ".jsonl":
+        yield from read_jsonl(path, field)
+    elif path.suffix == ".parquet":
+        yield from read_parquet(path, field)
+    else:
+        raise CorpusError(
+            f"corpus file {path} has an unsupported type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
+        )
+
+
+def read_txt(path: Path) -> str:
+    """The whole file, as one document (strict UTF-8: undecodable bytes are an error)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path}: not UTF-8 at byte {err.start}") from None
+
+
+def _text_of(record, field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise CorpusError(f"{where} is a JSON {type(record).__name__}, expected an object")
+    if field not in record:
+        fields = ", ".join(sorted(map(str, record))[:10])
+        raise CorpusError(f'{where} has no field "{field}" (it has: {fields})')
+    value = record[field]
+    if not isinstance(value, str):
+        raise CorpusError(f'{where}: field "{field}" is {type(value).__name__}, expected a string')
+    return value
+
+
+def read_jsonl(path: Path, field: str) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as err:
+                raise CorpusError(f"{path} line {number}: invalid JSON ({err})") from None
+            yield _text_of(record, field, f"{path} line {number}")
+
+
+def read_parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise CorpusError(f"{path}: not a readable Parquet file ({err})") from None
+    columns = pf.schema_arrow.names
+    if field not in columns:
+        raise CorpusError(f'{path} has no column "{field}" (it has: {", ".join(columns[:10])})')
+    row = 0
+    for batch in pf.iter_batches(columns=[field], batch_size=4096):
+        for value in batch.column(0).to_pylist():
+            if not isinstance(value, str):
+                raise CorpusError(
+                    f'{path} row {row}: column "{field}" is {type(value).__name__}, expected a string'
+                )
+            yield value
+            row += 1
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """True for a folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+    )
+
+
+def _pick_split(dataset, split: str | None, where: str):
+    from datasets import DatasetDict
+
+    if not isinstance(dataset, DatasetDict):
+        return dataset
+    splits = sorted(dataset)
+    if split is None:
+        if len(splits) == 1:
+            return dataset[splits[0]]
+        raise CorpusError(f"{where} has splits {splits}: set split to one of them")
+    if split not in dataset:
+        raise CorpusError(f"{where} has no split {split!r} (it has: {splits})")
+    return dataset[split]
+
+
+def _dataset_texts(dataset, field: str, where: str) -> Iterator[str]:
+    if field not in dataset.column_names:
+        raise CorpusError(
+            f'{where} has no column "{field}" (it has: {", ".join(dataset.column_names[:10])})'
+        )
+    row = 0
+    for batch in dataset.select_columns([field]).iter(batch_size=1000):
+        for text in batch[field]:
+            if not isinstance(text, str):
+                kind = type(text).__name__
+                raise CorpusError(
+                    f'{where} row {row}: column "{field}" is {kind}, expected a string'
+                )
+            yield text
+            row += 1
+
+
+def read_saved_dataset(path: Path, field: str, split: str | None = None) -> Iterator[str]:
+    from datasets import load_from_disk
+
+    dataset = _pick_split(load_from_disk(str(path)), split, f"dataset {path}")
+    yield from _dataset_texts(dataset, field, f"dataset {path}")
+
+
+def read_hub_dataset(uri: HubURI, field: str, split: str | None = None) -> Iterator[str]:
+    """A Hub dataset through ``datasets.load_dataset`` and its cache (offline: cache only)."""
+    import datasets
+
+    where = f"dataset {uri.repo_id}"
+    try:
+        dataset = datasets.load_dataset(uri.repo_id, revision=uri.revision, split=split or "train")
+    except (FileNotFoundError, ConnectionError, OSError) as err:
+        if hub_offline():
+            raise CorpusError(
+                f"{where} (revision {uri.revision}) is not in the Hugging Face datasets cache and "
+                "HF_HUB_OFFLINE is set: load it once with network access, or unset HF_HUB_OFFLINE"
+            ) from None
+        raise CorpusError(f"{where} (revision {uri.revision}) cannot be loaded: {err}") from None
+    except ValueError as err:  # e.g. an unknown split
+        raise CorpusError(f"{where}: {err}") from None
+    yield from _dataset_texts(dataset, field, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cheap checks, before any expensive work
+
+
+def check_corpus(ref: CorpusRef, cache_dir: str | Path | None = None) -> int:
+    """Check what can be checked without reading the corpus; returns the number of sources.
+
+    Local and S3 corpora: the path exists, every file has a known type, each Parquet file and
+    saved dataset has the text column (and the split), each JSONL file's first record has the
+    field. Row-level problems further in are still reported, with their line, when read. Hub
+    datasets are checked when loaded (their schema needs the download).
+    """
+    uri = parse_uri(ref.uri)
+    if isinstance(uri, HubURI):
+        return 1
+    if isinstance(uri, S3URI):
+        cache = cache_dir or default_cache()
+        path = fetch_s3(uri, s3_cache_folder(cache, uri), endpoint_url=ref.endpoint_url)
+    else:
+        path = uri.path
+    if not path.exists():
+        raise CorpusError(f"corpus path {path} does not exist")
+    return _check_path(path, ref.text_field, ref.split)
+
+
+def _check_path(path: Path, field: str, split: str | None) -> int:
+    if path.is_dir() and not is_saved_dataset(path):
+        return sum(_check_path(child, field, split) for child in _corpus_entries(path))
+    if path.suffix == ".jsonl":
+        next(read_jsonl(path, field), None)
+    elif path.suffix == ".parquet" or is_saved_dataset(path):
+        next(read_path(path, field, split), None)
+    elif path.suffix != ".txt":
+        list(read_file(path, field))  # raises the unsupported-type error
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def corpus_fingerprint(ref: CorpusRef) -> str:
+    """A hash that changes iff the documents the ref selects can have changed.
+
+    S3: the (key, ETag, size) listing, no download. Hub: the dataset commit. Local: the full
+    content of every file: corpora are edited in place (a fixed line, an appended file) and a
+    stale "unchanged" would silently reuse old pieces, so we pay one read of the corpus.
+    """
+    uri = parse_uri(ref.uri)
+    if isinstance(uri, HubURI):
+        content = f"hub:{hub_commit(uri)}"
+    elif isinstance(uri, S3URI):
+        content = f"s3:{listing_hash(list_s3(uri, endpoint_url=ref.endpoint_url))}"
+    else:
+        if not uri.path.exists():
+            raise CorpusError(f"corpus path {uri.path} does not exist")
+        content = f"local:{local_identity(uri.path, small=2**62)}"
+    selection = json.dumps(
+        {"content": content, "text_field": ref.text_field, "split": ref.split, "limit": ref.limit},
+        sort_keys=True,
+    )
+    return hashlib.sha256(selection.encode()).hexdigest()
