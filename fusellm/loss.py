@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
-_CHUNK_ROWS = 2048
+_CHUNK_ROWS = 256  # rows per float32 chunk: bounds the temporary memory
 
 
 def _soft_targets(topk_ids, topk_logprobs, temperature):
