@@ -108,3 +108,19 @@ def test_slow_tokenizer_is_refused(tmp_path, real_tokenizers):
 
     with pytest.raises(TypeError, match="slow .*use_fast=True"):
         align_positions("abc", Slow(), real_tokenizers["mpt"])
+
+
+@pytest.mark.parametrize("target,source", [("llama-spm", "mpt"), ("mpt", "gpt-2")])
+def test_pairs_at_least_as_many_correct_positions_as_published_dtw(real_tokenizers, english_texts, code_texts, target, source):
+    t_tok, s_tok = real_tokenizers[target], real_tokenizers[source]
+    for text in (english_texts[11][:1200], code_texts[2][:1200]):
+        _, t_ends = token_end_chars(text, t_tok)
+        _, s_ends = token_end_chars(text, s_tok)
+
+        ours = align_positions(text, t_tok, s_tok)
+        dtw = align_positions(text, t_tok, s_tok, method="dtw")
+        ours_ok = ours >= 0
+        assert (t_ends[ours_ok] == s_ends[ours[ours_ok]]).all()
+        dtw_ok = dtw >= 0
+        dtw_correct = int(((t_ends[dtw_ok] == s_ends[dtw[dtw_ok]]) & (t_ends[dtw_ok] >= 0)).sum())
+        assert int(ours_ok.sum()) >= dtw_correct > 0
