@@ -114,16 +114,20 @@ def align_positions(
     *,
     target_ids=None,
     source_ids=None,
+    **dtw_options,
 ) -> np.ndarray:
     """Index of the aligned source token for each target token of `text` (-1 where none).
 
     Both sides are tokenized with `add_special_tokens=False`. `target_ids` / `source_ids`, when
     given, are checked against that tokenization. `method="dtw"` runs the published DTW pairing
-    (quadratic; for comparison only).
+    (quadratic; for comparison only); `dtw_options` (`match`, `vocab_map`) go to
+    `fusellm.align_dtw.dtw_pairs`.
     """
     t_ids, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_ids)
     s_ids, s_ends = token_end_chars(text, source_tokenizer, role="source", ids=source_ids)
     if method == "offsets":
+        if dtw_options:
+            raise TypeError(f"options {sorted(dtw_options)} only apply to method='dtw'")
         return pair_ends(t_ends, s_ends)
     if method == "dtw":
         from fusellm.align_dtw import dtw_pairs, published_token_strings
@@ -131,5 +135,6 @@ def align_positions(
         return dtw_pairs(
             published_token_strings(t_ids, target_tokenizer),
             published_token_strings(s_ids, source_tokenizer),
+            **dtw_options,
         )
     raise ValueError(f"unknown alignment method {method!r}; expected 'offsets' or 'dtw'")

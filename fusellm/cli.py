@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from fusellm.ui_cli import ui_command
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -16,6 +18,7 @@ def version() -> None:
 
 
 app.command("train")(__import__("fusellm.train.cli", fromlist=["train_command"]).train_command)
+app.command("ui")(ui_command)
 app.command("eval")(__import__("fusellm.evaluate.cli", fromlist=["eval_command"]).eval_command)
 
 
