@@ -1,0 +1,135 @@
+"""Crash-safe checkpoints that resume exactly: weights, optimizer, scheduler, RNG, data position.
+
+Layout under `<output>/checkpoints/`:
+
+    step-00000010/ds/...        DeepSpeed's own files (module, ZeRO partitions, scheduler)
+    step-00000010/rng-rank0.pt  RNG states of each rank (torch, CUDA, numpy, python)
+    step-00000010/trainer_state.json   step, world size, config (read before a resume builds
+                                       anything, so an incompatible resume fails at once)
+    latest                      name of the newest complete checkpoint
+
+A checkpoint is written into `.tmp-step-...` by all ranks, then renamed by rank 0 once every
+rank is done, then `latest` is replaced atomically, then old ones are pruned. A kill at any
+moment leaves `latest` naming a complete checkpoint (or no `latest` at all); leftover temporary
+folders are ignored and removed by the next save. The data position needs no file: the order is
+a function of the step (`fusellm.train.data.DataOrder`), which DeepSpeed's client state holds.
+This layout assumes a filesystem shared by all ranks (one node, or NFS/Lustre across nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+TAG = "ds"
+LATEST = "latest"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The folder `latest` names, or None when no checkpoint was completed."""
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    name = pointer.read_text().strip()
+    path = Path(root) / name
+    if not _NAME.match(name) or not (path / TAG).is_dir() or not (path / STATE).is_file():
+        raise RuntimeError(f"{pointer}: names {name!r}, which is not a complete checkpoint")
+    return path
+
+
+def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
+    """Collective: every rank calls it with the same step. Returns the checkpoint folder."""
+    root = Path(root)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    name = checkpoint_name(step)
+    tmp, final = root / f".tmp-{name}", root / name
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp), tag=TAG, client_state=client_state, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        (tmp / STATE).write_text(json.dumps(client_state, indent=2, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)  # a rerun past a step whose pointer was lost
+        os.replace(tmp, final)
+        _atomic_text(root / LATEST, name + "\n")
+        _prune(root, keep)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Drop all but the newest `keep` checkpoints, and temporary folders of dead saves."""
+    done = sorted(p for p in root.iterdir() if _NAME.match(p.name))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict:
+    """The step, world size and config a checkpoint was written with."""
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def load_checkpoint(engine, path: Path) -> dict:
+    """Restore engine state and this rank's RNG from `path`; returns the client state."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = Path(path) / f"rng-rank{rank}.pt"
+    if not rng_file.exists():
+        raise RuntimeError(
+            f"{rng_file}: missing; the checkpoint was written by fewer ranks than this run has"
+        )
+    loaded, client_state = engine.load_checkpoint(
+        str(path), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if loaded is None:
+        raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return client_state

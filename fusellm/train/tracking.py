@@ -1,0 +1,43 @@
+"""Per-step metrics: to MLflow when the caller has a run open, and a console progress bar.
+
+The orchestration layer owns the MLflow run; training only logs into it. MLflow is looked up
+in `sys.modules` rather than imported: if nobody imported it, no run can be active, and a
+plain `fusellm train` does not pay its import time.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    clm_loss: float
+    fusion_loss: float
+    learning_rate: float
+    grad_norm: float
+    tokens_per_s: float
+
+
+class StepLogger:
+    """Rank 0 logs; other ranks stay silent."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, desc="train", disable=not enabled)
+
+    def log(self, step: int, metrics: StepMetrics) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.learning_rate:.2e}")
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and mlflow.active_run() is not None:
+            mlflow.log_metrics({f"train/{k}": v for k, v in asdict(metrics).items()}, step=step)
+
+    def close(self) -> None:
+        self.bar.close()
