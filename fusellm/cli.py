@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from fusellm.run_cli import run_command
 from fusellm.ui_cli import ui_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -19,6 +20,7 @@ def version() -> None:
 
 app.command("train")(__import__("fusellm.train.cli", fromlist=["train_command"]).train_command)
 app.command("ui")(ui_command)
+app.command("run")(run_command)
 app.command("eval")(__import__("fusellm.evaluate.cli", fromlist=["eval_command"]).eval_command)
 
 

@@ -1,0 +1,425 @@
+"""MLflow tracking on a SQLite store under tmp_path, and once against a real `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fusellm import tracking
+from fusellm.settings import sqlite_uri
+from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.tracking import (
+    TrackingError,
+    champion_decision,
+    fusion_run,
+    is_secret_key,
+    load_registered,
+    log_and_register_model,
+    log_artifact,
+    log_json,
+    log_metrics,
+    stage_run,
+)
+
+SECRET = "hf_SuperSecretValue123"
+TEXTS = ["the quick brown fox jumps over the lazy dog", "def f(x):\n    return x + 1"] * 20
+
+
+@pytest.fixture(scope="module")
+def template_db(tmp_path_factory) -> Path:
+    """A migrated empty store, copied per test: building the schema costs seconds each time."""
+    db = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(tracking_uri=sqlite_uri(db)).search_experiments()
+    return db
+
+
+@pytest.fixture
+def store(template_db, tmp_path, monkeypatch) -> Path:
+    """MLFLOW_TRACKING_URI -> a fresh SQLite file under tmp_path; cwd is tmp_path/cwd."""
+    db = tmp_path / "store" / "mlflow.db"
+    db.parent.mkdir()
+    shutil.copy(template_db, db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri(db))
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    return db
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    tok = train_tokenizer(TEXTS, kind="bytelevel", vocab_size=300)
+    model = tiny_model("gpt2", tok, seed=3, hidden=16, layers=1, heads=2, max_positions=64)
+    return save_tiny(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _register(name, score, sources, lower_is_better, model_dir):
+    with fusion_run(f"fuse-{score}"):
+        return log_and_register_model(
+            model_dir,
+            registered_name=name,
+            primary_metric="bpb" if lower_is_better else "acc",
+            scores={"fused": score, **sources},
+            fused="fused",
+            sources=list(sources),
+            lower_is_better=lower_is_better,
+        )
+
+
+def _champion(name):
+    return int(MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def _role(name, version):
+    return MlflowClient().get_model_version(name, str(version)).tags[tracking.TAG_ROLE]
+
+
+# --- runs, params, secrets -----------------------------------------------------------------
+
+
+def test_secret_keys_are_recognised_word_by_word():
+    for key in [
+        "api_key",
+        "hf_token",
+        "AWS_SECRET_ACCESS_KEY",
+        "dbPassword",
+        "s3.credentials",
+        "apikey",
+    ]:
+        assert is_secret_key(key), key
+    for key in ["tokenizer", "max_tokens", "top_k", "training.lam", "keyword_count"]:
+        assert not is_secret_key(key), key
+
+
+def test_parent_and_nested_runs_hold_params_tags_metrics_artifacts(store, tmp_path):
+    report = tmp_path / "coverage.txt"
+    report.write_text("coverage 0.91\n")
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    (folder / "bbh.csv").write_text("task,acc\nbbh,0.4\n")
+    params = {
+        "training": {"lam": 0.9, "lr": 1e-5},
+        "sources": [{"name": "llama", "tokenizer": "spm"}, {"name": "mpt", "tokenizer": "bpe"}],
+        "top_k": 10,
+    }
+    tags = {"fusellm.corpus_sha256": "ab" * 32, "fusellm.source.llama.revision": "r1"}
+    with fusion_run("fusion-1", params=params, tags=tags) as parent:
+        with stage_run("align", params={"method": "offsets"}) as child:
+            log_metrics({"coverage": 0.91, "exact_map_rate": 0.8}, prefix="align/llama")
+            for step, loss in enumerate([3.0, 2.5, 2.0]):
+                log_metrics({"loss": loss}, step=step, prefix="train")
+            log_artifact(report)
+            log_artifact(folder)
+            log_json({"exact": 12, "mined": 3}, "vocab/llama.json")
+
+    client = MlflowClient()
+    top = client.get_run(parent)
+    assert top.info.status == "FINISHED"
+    assert top.data.params["training.lam"] == "0.9"
+    assert top.data.params["sources.1.name"] == "mpt"
+    assert top.data.params["top_k"] == "10"
+    assert top.data.tags["fusellm.corpus_sha256"] == "ab" * 32
+    assert top.data.tags["fusellm.source.llama.revision"] == "r1"
+    assert top.data.tags[tracking.TAG_CODE_VERSION].startswith("fusellm ")
+    config = json.loads(
+        Path(client.download_artifacts(parent, "config.json", str(tmp_path))).read_text()
+    )
+    assert config["training"]["lam"] == 0.9
+
+    stage = client.get_run(child)
+    assert stage.data.tags["mlflow.parentRunId"] == parent
+    assert stage.data.tags[tracking.TAG_STAGE] == "align"
+    assert stage.data.params == {"method": "offsets"}
+    assert stage.data.metrics["align/llama/coverage"] == pytest.approx(0.91)
+    history = client.get_metric_history(child, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(0, 3.0), (1, 2.5), (2, 2.0)]
+    names = {a.path for a in client.list_artifacts(child)}
+    assert names == {"coverage.txt", "tables", "vocab"}
+    assert [a.path for a in client.list_artifacts(child, "tables")] == ["tables/bbh.csv"]
+    vocab = client.download_artifacts(child, "vocab/llama.json", str(tmp_path / "dl"))
+    assert json.loads(Path(vocab).read_text()) == {"exact": 12, "mined": 3}
+    # artifacts sit next to the database, never in the working directory
+    assert stage.info.artifact_uri.startswith((store.parent / "mlartifacts").as_uri())
+    assert list(Path.cwd().iterdir()) == []
+
+
+def test_secrets_never_reach_the_store(store, tmp_path):
+    params = {
+        "sources": [{"name": "a", "hf_token": SECRET}],
+        "s3": {"endpoint": f"http://user:{SECRET}@127.0.0.1:9000", "aws_secret_access_key": SECRET},
+        "api_key": SECRET,
+    }
+    with fusion_run("f", params=params, tags={"auth_token": SECRET, "ok": "yes"}) as parent:
+        with stage_run("s", params={"password": SECRET}, tags={"credential": SECRET}):
+            pass
+    run = MlflowClient().get_run(parent)
+    assert run.data.params["s3.endpoint"] == "http://user:***@127.0.0.1:9000"
+    assert run.data.params["sources.0.name"] == "a"
+    assert run.data.tags["ok"] == "yes"
+    # nothing on disk holds the secret: not the database, not an artifact
+    for path in [*store.parent.rglob("*")]:
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_stage_in_a_worker_thread_nests_under_the_fusion(store):
+    seen = {}
+
+    def stage():
+        with stage_run("extract") as run_id:
+            log_metrics({"tokens": 100.0})
+            seen["id"] = run_id
+
+    with fusion_run("threaded") as parent:
+        worker = threading.Thread(target=stage)
+        worker.start()
+        worker.join()
+    run = MlflowClient().get_run(seen["id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics["tokens"] == 100.0
+
+
+def test_stage_with_explicit_parent_and_alone(store):
+    with fusion_run("p") as parent:
+        pass
+    with stage_run("evaluate", parent_run_id=parent) as child:
+        pass
+    with stage_run("standalone") as alone:
+        pass
+    client = MlflowClient()
+    assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
+    assert "mlflow.parentRunId" not in client.get_run(alone).data.tags
+    assert client.get_run(alone).info.experiment_id == client.get_run(parent).info.experiment_id
+
+
+def test_failed_block_marks_the_run_failed(store):
+    with pytest.raises(ZeroDivisionError), fusion_run("boom") as parent:
+        _ = 1 / 0
+    assert MlflowClient().get_run(parent).info.status == "FAILED"
+
+
+def test_logging_without_a_run_or_with_bad_values_is_refused(store, tmp_path):
+    with pytest.raises(TrackingError, match="fusion_run"):
+        log_metrics({"x": 1.0})
+    with pytest.raises(TrackingError, match="fusion_run"):
+        log_json({}, "x.json")
+    with fusion_run("r"):
+        with pytest.raises(TypeError, match="'acc'"):
+            log_metrics({"ok": 1.0, "acc": "high"})
+        with pytest.raises(FileNotFoundError, match="missing.txt"):
+            log_artifact(tmp_path / "missing.txt")
+
+
+# --- champion / challenger ------------------------------------------------------------------
+
+
+def test_champion_decision_rules():
+    assert champion_decision(1.0, {"a": 2.0}, None, lower_is_better=True)[0]
+    assert not champion_decision(1.0, {"a": 0.9}, None, lower_is_better=True)[0]
+    assert not champion_decision(1.0, {"a": 2.0}, 1.0, lower_is_better=True)[0]  # a tie
+    assert champion_decision(0.7, {"a": 0.5}, 0.6, lower_is_better=False)[0]
+    ok, reason = champion_decision(0.7, {"a": 0.8, "b": 0.1}, None, lower_is_better=False)
+    assert not ok and "a=0.8" in reason and "b=" not in reason
+
+
+def test_registry_lower_is_better(store, tiny_dir):
+    name = "fused-bpb"
+    sources = {"llama": 2.0, "mpt": 1.5}
+    first = _register(name, 1.2, sources, True, tiny_dir)
+    assert first.is_champion and first.version == 1 and _champion(name) == 1
+    worse = _register(name, 1.3, sources, True, tiny_dir)
+    assert not worse.is_champion and _champion(name) == 1
+    assert _role(name, 2) == "challenger" and "champion" in worse.reason
+    better = _register(name, 1.0, sources, True, tiny_dir)
+    assert better.is_champion and _champion(name) == 3
+    assert "replaces version 1" in better.reason
+    # beats the champion (1.0) but not the new, stronger source (0.8)
+    lost = _register(name, 0.9, {"llama": 0.8, "mpt": 1.5}, True, tiny_dir)
+    assert not lost.is_champion and _champion(name) == 3 and "llama" in lost.reason
+    version = MlflowClient().get_model_version(name, "3")
+    assert version.tags[tracking.TAG_METRIC] == "bpb"
+    assert float(version.tags[tracking.TAG_METRIC_VALUE]) == 1.0
+    assert version.tags[tracking.TAG_SOURCES] == "llama,mpt"
+    assert float(version.tags["fusellm.source_score.mpt"]) == 1.5
+
+
+def test_registry_higher_is_better(store, tiny_dir):
+    name = "fused-acc"
+    # the first version loses to a source: no champion yet
+    first = _register(name, 0.40, {"llama": 0.45}, False, tiny_dir)
+    assert not first.is_champion and _role(name, 1) == "challenger"
+    with pytest.raises(MlflowException, match="champion"):
+        _champion(name)
+    second = _register(name, 0.50, {"llama": 0.45}, False, tiny_dir)
+    assert second.is_champion and _champion(name) == 2
+    worse = _register(name, 0.48, {"llama": 0.45}, False, tiny_dir)
+    assert not worse.is_champion and _champion(name) == 2
+    better = _register(name, 0.60, {"llama": 0.45}, False, tiny_dir)
+    assert better.is_champion and _champion(name) == 4 and _role(name, 4) == "champion"
+    lost = _register(name, 0.70, {"llama": 0.75}, False, tiny_dir)
+    assert not lost.is_champion and _champion(name) == 4
+
+
+def test_champion_scored_on_another_metric_is_not_replaced(store, tiny_dir):
+    name = "fused-switch"
+    assert _register(name, 1.0, {"a": 2.0}, True, tiny_dir).is_champion  # bpb
+    other = _register(name, 0.9, {"a": 0.1}, False, tiny_dir)  # acc, beats the source
+    assert not other.is_champion and "'bpb'" in other.reason and _champion(name) == 1
+
+
+def test_bad_registration_input_fails_before_logging(store, tiny_dir, tmp_path):
+    with fusion_run("bad") as parent:
+        with pytest.raises(ValueError, match="'mpt'"):
+            log_and_register_model(
+                tiny_dir,
+                registered_name="x",
+                primary_metric="bpb",
+                scores={"fused": 1.0},
+                fused="fused",
+                sources=["mpt"],
+                lower_is_better=True,
+            )
+        with pytest.raises(ValueError, match="finite"):
+            log_and_register_model(
+                tiny_dir,
+                registered_name="x",
+                primary_metric="bpb",
+                scores={"fused": float("nan"), "mpt": 1.0},
+                fused="fused",
+                sources=["mpt"],
+                lower_is_better=True,
+            )
+        with pytest.raises(FileNotFoundError, match="config.json"):
+            log_and_register_model(
+                tmp_path, registered_name="x", primary_metric="bpb",
+                scores={"fused": 1.0, "mpt": 2.0}, fused="fused", sources=["mpt"],
+                lower_is_better=True,
+            )  # fmt: skip
+    client = MlflowClient()
+    assert client.search_registered_models() == []
+    assert client.list_artifacts(parent) == []
+
+
+def test_load_registered_round_trips_a_tiny_model(store, tiny_dir, tmp_path):
+    result = _register("roundtrip", 1.0, {"a": 2.0}, True, tiny_dir)
+    model, tokenizer = load_registered("roundtrip", dst_path=tmp_path / "dl")
+    assert any((tmp_path / "dl").rglob("*.safetensors"))
+    assert not any((tmp_path / "dl").rglob("*.bin"))
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for (name, a), (_, b) in zip(original.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    text = "def f(x): return the lazy fox"
+    reference = AutoTokenizer.from_pretrained(tiny_dir)
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert not model.training
+    # the same model through an explicit version number, and a clear error for a missing alias
+    assert result.model_uri.startswith("models:/")
+    with pytest.raises(TrackingError, match="no version of registered model 'roundtrip'"):
+        load_registered("roundtrip", alias="nightly")
+
+
+# --- a real MLflow server over HTTP ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path, monkeypatch):
+    """`mlflow server` on 127.0.0.1 with SQLite and a local artifact destination."""
+    port = _free_port()
+    artifacts = tmp_path / "server-artifacts"
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server",
+            "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
+            "--artifacts-destination", str(artifacts),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        monkeypatch.chdir(tmp_path)
+        yield url, artifacts
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_register_through_a_real_server(mlflow_server, tiny_dir, tmp_path):
+    url, artifacts = mlflow_server
+    with fusion_run("served", params={"training": {"lam": 0.9}, "token": SECRET}) as parent:
+        with stage_run("register"):
+            log_metrics({"bpb": 1.1}, prefix="eval")
+            result = log_and_register_model(
+                tiny_dir, registered_name="fused-served", primary_metric="bpb",
+                scores={"fused": 1.1, "llama": 1.4}, fused="fused", sources=["llama"],
+                lower_is_better=True,
+            )  # fmt: skip
+    assert result.is_champion
+    client = MlflowClient(tracking_uri=url)
+    assert (
+        int(client.get_model_version_by_alias("fused-served", "champion").version) == result.version
+    )
+    assert "token" not in client.get_run(parent).data.params
+    # the weights travelled over HTTP into the server's artifact destination
+    assert any(artifacts.rglob("model.safetensors"))
+    model, _ = load_registered("fused-served")
+    assert model.config.n_embd == 16
+
+
+def test_a_deleted_experiment_is_named_in_the_error(store):
+    client = MlflowClient()
+    client.delete_experiment(client.create_experiment("gone"))
+    with (
+        pytest.raises(TrackingError, match="'gone' is deleted"),
+        fusion_run("x", experiment="gone"),
+    ):
+        pass
