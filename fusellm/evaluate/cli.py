@@ -57,17 +57,20 @@ def eval_command(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2)
     table = Table(title=f"{suite} on {result.model}")
-    table.add_column("task")
-    table.add_column(result.primary_metric, justify="right")
-    table.add_column("stderr", justify="right")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
     for name, metrics in result.metrics.items():
-        value = metrics.get(result.primary_metric)
-        err = result.stderr.get(name, {}).get(result.primary_metric)
-        table.add_row(
-            name, "–" if value is None else f"{value:.4f}", "–" if err is None else f"{err:.4f}"
-        )
+        # the suite's primary metric where the task has it, else each of the task's own metrics
+        shown = [result.primary_metric] if result.primary_metric in metrics else sorted(metrics)
+        for metric in shown:
+            err = result.stderr.get(name, {}).get(metric)
+            table.add_row(
+                name, metric, f"{metrics[metric]:.4f}", "–" if err is None else f"{err:.4f}"
+            )
     average = result.average
-    table.add_row("average", "–" if average is None else f"{average:.4f}", "")
+    table.add_row(
+        "average", result.primary_metric, "–" if average is None else f"{average:.4f}", ""
+    )
     console.print(table)
     for name, reason in result.skipped.items():
         console.print(f"skipped {name}: {reason}", highlight=False)
