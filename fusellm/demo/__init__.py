@@ -1,0 +1,1 @@
+"""The miniature FuseLLM demo: real text from CPython, three tiny sources built locally."""
