@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Nothing a test does may land in the checkout: MLflow 3 defaults to ./mlflow.db, and the
+# project data folder defaults to ./.fusellm. Tests that need their own set them again.
+_SCRATCH = tempfile.mkdtemp(prefix="fusellm-tests-")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_SCRATCH}/mlflow.db")
+os.environ.setdefault("FUSELLM_HOME", f"{_SCRATCH}/home")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REAL_TOKENIZERS = ("llama-spm", "mpt", "gpt-2")
 
