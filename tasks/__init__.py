@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `fusellm.pipeline` stages (retries, cache keys, logging)."""

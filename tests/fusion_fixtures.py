@@ -1,0 +1,79 @@
+"""Tiny fusions for the orchestration tests: two small sources with different tokenizers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+
+EVAL_DATA = Path(__file__).parent / "data" / "eval"
+WORDS = (
+    "the cat sat on a mat while dogs run fast and birds sing over green hills near water "
+    "def return import class for in if else print value list"
+).split()
+
+
+def corpus_texts(n: int = 12, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(n)]
+
+
+def write_corpus(folder: Path, texts: list[str]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return folder
+
+
+def build_models(root: Path, texts: list[str]) -> dict[str, Path]:
+    """A Llama-style source (SentencePiece BPE) and a GPT-NeoX-style one (byte-level BPE)."""
+    spm = train_tokenizer(texts, kind="spm", vocab_size=300)
+    byte = train_tokenizer(texts, kind="bytelevel", vocab_size=400)
+    small = dict(hidden=32, layers=1, heads=2, max_positions=256)
+    save_tiny(tiny_model("llama", spm, seed=0, **small), spm, root / "llama")
+    save_tiny(tiny_model("gpt_neox", byte, seed=1, **small), byte, root / "neox")
+    return {"llama": root / "llama", "neox": root / "neox"}
+
+
+def reseed_model(path: Path, seed: int) -> None:
+    """New weights, same tokenizer and architecture: a source that was retrained."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    arch = AutoModelForCausalLM.from_pretrained(path).config.model_type
+    save_tiny(
+        tiny_model(arch, tok, seed=seed, hidden=32, layers=1, heads=2, max_positions=256), tok, path
+    )
+
+
+def fusion_dict(models: dict[str, str], corpus: str, workdir: Path, tracking_uri: str) -> dict:
+    """A whole FusionConfig as data: target = the Llama-style source, both sources fused into it."""
+    return {
+        "name": "tiny-fusion",
+        "target": {"uri": models["llama"]},
+        "sources": [
+            {"uri": models["llama"], "name": "llama"},
+            {"uri": models["neox"], "name": "neox"},
+        ],
+        "corpus": {"uri": corpus},
+        "pieces": {"block_size": 64, "margin": 8},
+        "extraction": {"top_k": 4, "shard_size": 12, "batch_size": 4, "device": "cpu"},
+        "training": {
+            "global_batch": 4,
+            "micro_batch": 2,
+            "max_steps": 8,
+            "max_length": 64,
+            "zero_stage": 0,
+            "gradient_checkpointing": False,
+            "checkpoint_every": 100,
+            "learning_rate": 1e-3,
+        },
+        "evaluation": {"suites": ["local"], "data_dir": str(EVAL_DATA), "limit": 2},
+        "tracking": {
+            "experiment": "tiny",
+            "registered_model": "tiny-fused",
+            "tracking_uri": tracking_uri,
+        },
+        "workdir": str(workdir),
+    }

@@ -1,0 +1,216 @@
+"""The Prefect flows end to end, under Prefect's test harness, with MLflow on SQLite.
+
+Tiny models (a Llama-style and a GPT-NeoX-style source, the target is the first), a few dozen
+pieces, eight training steps, the `local` evaluation suite on two documents per task. Checked:
+the whole fusion runs and is tracked (parent run, nested stage runs, tags, metrics, artifacts,
+registered model); an unchanged re-run is all cache hits, trains nothing and takes < 20 % of the
+first run's time; changing one source recomputes only that source's extraction, the fusion, the
+fused model's training and the evaluations that depend on them; `refusion` does nothing when
+nothing changed and re-fuses when a source did; each stage flow runs on its own; `fusellm run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fusion_fixtures import build_models, corpus_texts, fusion_dict, reseed_model, write_corpus
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect")
+    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}):
+        with prefect_test_harness(server_startup_timeout=120):
+            yield home
+
+
+@pytest.fixture(scope="module")
+def fusion(tmp_path_factory):
+    from fusellm.config import parse_fusion_config
+
+    root = tmp_path_factory.mktemp("fusion")
+    texts = corpus_texts()
+    models = build_models(root / "models", texts)
+    corpus = write_corpus(root / "corpus", texts)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    data = fusion_dict({k: str(v) for k, v in models.items()}, str(corpus), root / "work", uri)
+    return parse_fusion_config(data), models, uri
+
+
+def _folders(workdir: Path) -> set[str]:
+    return {f"{p.parent.name}/{p.name}" for p in workdir.glob("*/*") if not p.name.startswith(".")}
+
+
+def _run(config):
+    from flows.fuse import fuse
+
+    start = time.perf_counter()
+    summary = fuse(config)
+    return summary, time.perf_counter() - start
+
+
+def test_fuse_rerun_and_change_one_source(harness, fusion):
+    import mlflow
+    from mlflow import MlflowClient
+
+    config, models, uri = fusion
+    first, t_first = _run(config)
+    states = first["states"]
+    (pieces,) = config.workdir.glob("pieces/*/stage.json")
+    shards = -(-json.loads(pieces.read_text())["info"]["pieces"] // config.extraction.shard_size)
+    assert shards >= 2
+    assert len(states["extract"]) == 2 * shards  # (target = llama source, neox) x shards
+    assert first["computed"]["train"] == 2  # fused and CLM baseline
+    assert set(first["scores"]) == {"fused", "baseline", "llama", "neox"}
+    assert first["registration"]["version"] == 1
+    comparison = Path(first["comparison"])
+    assert (comparison / "comparison.md").read_text().count("fused") >= 2
+    assert (comparison / "comparison.png").stat().st_size > 1000
+
+    # MLflow: parent run with config parameters and source tags, nested stage runs, a version.
+    client = MlflowClient(uri)
+    parent = client.get_run(first["run_id"])
+    assert parent.data.params["training.lam"] == "0.9"
+    assert parent.data.tags["fusellm.corpus_sha256"]
+    assert parent.data.tags["fusellm.source.neox.revision"].startswith("local:")
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+    )
+    stages = {r.data.tags["fusellm.stage"]: r for r in children}
+    assert {
+        "prepare",
+        "extract",
+        "align_fuse",
+        "train_fused",
+        "train_baseline",
+        "evaluate",
+        "register",
+    } <= set(stages)
+    fusion_metrics = stages["align_fuse"].data.metrics
+    assert 0 < fusion_metrics["fusion/neox/aligned_coverage"] <= 1
+    assert "fusion/neox/min_ce_win_rate" in fusion_metrics
+    assert "local/fused/bits_per_byte" in stages["evaluate"].data.metrics
+    history = client.get_metric_history(stages["train_fused"].info.run_id, "train/fused/loss")
+    assert [m.step for m in history] == list(range(1, 9))
+    artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
+    assert {"comparison", "evaluation"} <= artifacts
+    version = client.get_model_version("tiny-fused", "1")
+    assert version.tags["fusellm.role"] in ("champion", "challenger")
+
+    # An unchanged re-run: every task but the identity check is a cache hit, nothing trains.
+    before = _folders(config.workdir)
+    second, t_second = _run(config)
+    assert _folders(config.workdir) == before
+    computed = {k: v for k, v in second["computed"].items() if v}
+    assert computed == {"resolve-sources": 1}, second["states"]
+    assert all(s == "Cached" for s in second["states"]["train"])
+    assert second["registration"]["version"] == 1  # no duplicate version for the same model
+    assert t_second < 0.2 * t_first, (t_first, t_second)
+    print(f"first run {t_first:.1f} s, unchanged re-run {t_second:.1f} s")
+
+    # One source retrained: its extraction, the fused data, the fused model and the evaluations
+    # of the changed models run again; the pieces, the target's store and the baseline do not.
+    reseed_model(models["neox"], seed=5)
+    third, _ = _run(config)
+    new = {f.split("/")[0] for f in _folders(config.workdir) - before}
+    assert new == {"extract", "store", "fuse", "train", "evaluate", "compare", "register"}
+    computed = {k: v for k, v in third["computed"].items() if v}
+    assert computed == {
+        "resolve-sources": 1,
+        "fetch-model": 1,
+        "extract": shards,
+        "merge-store": 1,
+        "fuse-data": 1,
+        "train": 1,
+        "evaluate": 2,
+        "compare": 1,
+    }, third["states"]
+    assert third["scores"]["baseline"] == first["scores"]["baseline"]
+    assert third["scores"]["neox"] != first["scores"]["neox"]
+    assert third["registration"]["version"] == 2
+    mlflow.set_tracking_uri(uri)
+    assert client.get_registered_model("tiny-fused").name == "tiny-fused"
+
+
+def test_refusion_runs_only_when_inputs_changed(harness, fusion):
+    from flows.refusion import refusion
+
+    config, models, _ = fusion
+    from fusellm.pipeline import read_record
+
+    if read_record(config) is None:  # run alone: make the first fusion
+        from flows.fuse import fuse
+
+        fuse(config)
+    before = _folders(config.workdir)
+    result = refusion(config=config)
+    assert result == {"changed": [], "fused": False}
+    assert _folders(config.workdir) == before
+
+    reseed_model(models["neox"], seed=9)  # a source changed: re-fuse, retrain only the fused model
+    result = refusion(config=config)
+    assert result["changed"] == ["source:neox"] and result["fused"] is True
+    assert result["summary"]["computed"]["train"] == 1
+    assert refusion(config=config)["changed"] == []
+
+
+def test_refusion_needs_exactly_one_config(harness, fusion):
+    from flows.refusion import refusion
+
+    config, _, _ = fusion
+    with pytest.raises(ValueError, match="exactly one of config or config_path"):
+        refusion(config=config, config_path="fusion.yaml")
+
+
+def test_stage_flows_run_alone_from_the_cache(harness, fusion):
+    """A stage deployed on its own reruns the stages before it as cache hits."""
+    from flows import stages
+
+    config, _, _ = fusion
+    from fusellm.pipeline import read_record
+
+    if read_record(config) is None:
+        from flows.fuse import fuse
+
+        fuse(config)
+    before = _folders(config.workdir)
+    out = stages.train(config)
+    assert set(out["models"]) == {"fused", "baseline"}
+    assert all(Path(m, "config.json").is_file() for m in out["models"].values())
+    states = {k: set(v) for k, v in out["states"].items() if k != "resolve-sources"}
+    assert states and all(v == {"Cached"} for v in states.values()), out["states"]
+    assert _folders(config.workdir) == before
+
+
+def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
+    """`fusellm run CONFIG` reads the YAML, applies the embedded defaults and runs `fuse`."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from fusellm.cli import app
+    from fusellm.settings import embedded_defaults
+
+    config, _, _ = fusion
+    for name in embedded_defaults(tmp_path / "home"):  # restored after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        monkeypatch.delenv(name)
+    path = tmp_path / "fusion.yaml"
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["run", str(path), "--home", str(tmp_path / "home")])
+    assert result.exit_code == 0, result.output
+    assert '"fused_model"' in result.output and '"scores"' in result.output
+    assert (tmp_path / "home" / "prefect").is_dir()

@@ -1,0 +1,289 @@
+"""The fusion against real servers on 127.0.0.1: `prefect server start`, `mlflow server` (SQLite
+backend, artifacts in S3) and moto's standalone S3 server.
+
+The sources and the corpus are uploaded to S3 and fused from there; MLflow's artifacts (the
+fused model included) land in S3; the fused model is registered with its alias. Then every
+deployment of infra/prefect.yaml is deployed with `prefect deploy`, and the `refusion`
+deployment is run by a `process` worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+
+from fusion_fixtures import EVAL_DATA, build_models, corpus_texts, fusion_dict, write_corpus
+from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+QUIET = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{url}: server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{url} not up within {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT (what Prefect's server and worker and MLflow treat as a clean stop), then kill."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **QUIET, **env},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, s3_endpoint):  # noqa: F811
+    root = tmp_path_factory.mktemp("servers")
+    bucket = "fusellm-it"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+    prefect_env = {
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(prefect_port),
+        "PREFECT_UI_API_URL": prefect_url,
+        "PREFECT_API_URL": prefect_url,
+    }
+    prefect = _start(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ],
+        prefect_env,
+        root / "prefect.log",
+    )
+    mlflow = _start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{bucket}/mlartifacts",
+            "--serve-artifacts",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ],
+        {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+        root / "mlflow.log",
+    )
+    try:
+        _wait_http(f"{prefect_url}/health", prefect, 180, root / "prefect.log")
+        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, 120, root / "mlflow.log")
+        yield {
+            "root": root,
+            "bucket": bucket,
+            "prefect_env": prefect_env,
+            "prefect_url": prefect_url,
+            "mlflow_url": f"http://127.0.0.1:{mlflow_port}",
+            "s3": s3_endpoint,
+        }
+    finally:
+        _stop(mlflow)
+        _stop(prefect)
+
+
+@pytest.fixture(scope="module")
+def s3_fusion(servers):
+    """Tiny models and corpus uploaded to S3; the config names only s3:// URIs."""
+    from fusellm.config import parse_fusion_config
+    from fusellm.sources import upload_dir
+
+    root, bucket = servers["root"], servers["bucket"]
+    # The held-out texts of the `local` suite are in the corpus: a few training steps then make
+    # the fused model beat every source for sure, which is what moves the alias (this test is
+    # about the plumbing of registration, not about the method's gains).
+    held_out = [
+        json.loads(line)["text"]
+        for domain in ("prose", "code")
+        for line in (EVAL_DATA / "fusellm" / "local" / domain / "test.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    texts = corpus_texts(6) + held_out * 4
+    for name, path in build_models(root / "local-models", texts).items():
+        upload_dir(path, f"s3://{bucket}/models/{name}")
+    upload_dir(write_corpus(root / "local-corpus", texts), f"s3://{bucket}/corpus")
+    models = {n: f"s3://{bucket}/models/{n}" for n in ("llama", "neox")}
+    data = fusion_dict(models, f"s3://{bucket}/corpus", root / "work", servers["mlflow_url"])
+    data["target"] = {"uri": models["neox"]}  # the stronger source here, on these texts
+    data["training"].update(max_steps=6, learning_rate=1e-2)
+    data["tracking"]["registered_model"] = "it-fused"
+    path = root / "fusion.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return parse_fusion_config(data), path
+
+
+def test_fusion_from_s3_tracked_in_mlflow_server(servers, s3_fusion):
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    config, _ = s3_fusion
+    from flows.fuse import fuse
+
+    storage = servers["root"] / "prefect" / "storage"
+    with temporary_settings(
+        {PREFECT_API_URL: servers["prefect_url"], PREFECT_LOCAL_STORAGE_PATH: storage}
+    ):
+        summary = fuse(config)
+    assert (config.workdir / "cache" / "s3").is_dir()  # sources really came from S3
+
+    client = MlflowClient(servers["mlflow_url"])
+    registration = summary["registration"]
+    version = client.get_model_version("it-fused", str(registration["version"]))
+    assert registration["is_champion"], (registration, summary["scores"])
+    alias = client.get_model_version_by_alias("it-fused", "champion")
+    assert alias.version == version.version
+    assert version.tags["fusellm.role"] == "champion"
+    # The model's files and the run's artifacts are in the S3 bucket behind the server.
+    keys = [
+        o["Key"]
+        for o in boto3.client("s3", endpoint_url=servers["s3"]).list_objects_v2(
+            Bucket=servers["bucket"], Prefix="mlartifacts/"
+        )["Contents"]
+    ]
+    assert any(k.endswith("model.safetensors") for k in keys)
+    assert any(k.endswith("comparison.png") for k in keys)
+    assert any(k.endswith("summary.json") for k in keys)
+
+    # The flow run is on the real server.
+    from prefect.client.orchestration import get_client
+
+    async def runs():
+        async with get_client() as c:
+            return await c.read_flow_runs()
+
+    with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
+        names = {r.name: r.state_name for r in asyncio.run(runs())}
+    assert "Completed" in names.values()
+
+
+async def _deployment_and_logs(flow_run_id, expected: str, timeout: float = 60.0):
+    """The deployment, and the flow run's log lines once `expected` arrived (logs are shipped
+    in batches, so they may trail the final state by a few seconds)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("refusion/refusion")
+        deployments = await client.read_deployments()
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+            )
+            messages = [entry.message for entry in logs]
+            if any(expected in m for m in messages) or time.monotonic() > deadline:
+                return deployment, deployments, messages
+            await asyncio.sleep(1.0)
+
+
+def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    config, config_path = s3_fusion
+    root = servers["root"]
+    env = {
+        **os.environ,
+        **QUIET,
+        **servers["prefect_env"],
+        "FUSELLM_PROJECT_DIR": str(REPO),
+        "FUSELLM_CONFIG": str(config_path),
+    }
+    cli = str(BIN / "prefect")
+    for pool in ("fusellm-cpu", "fusellm-gpu"):  # the GPU stages' pool: any type will do here
+        created = subprocess.run(
+            [cli, "work-pool", "create", pool, "--type", "process"],
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert created.returncode == 0, created.stdout + created.stderr
+    deploy = subprocess.run(
+        [cli, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+    worker = _start([cli, "worker", "start", "--pool", "fusellm-cpu"], env, root / "worker.log")
+    try:
+        with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
+            run = run_deployment("refusion/refusion", timeout=400)
+            deployment, deployments, messages = asyncio.run(
+                _deployment_and_logs(run.id, "nothing to do")
+            )
+    finally:
+        _stop(worker)
+    assert {d.name for d in deployments} == {
+        "fuse",
+        "refusion",
+        "prepare",
+        "extract",
+        "align-fuse",
+        "train",
+    }
+    assert {d.name: d.work_pool_name for d in deployments}["train"] == "fusellm-gpu"
+    assert run.state.is_completed(), (run.state, (root / "worker.log").read_text()[-3000:])
+    assert deployment.parameters == {"config_path": str(config_path)}
+    assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * 1"
+    assert any("nothing to do" in m for m in messages), messages
