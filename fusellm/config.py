@@ -56,9 +56,9 @@ class ExtractionConfig(_Section):
 
 
 class AlignmentConfig(_Section):
-    """Token alignment; the fused-data builder aligns on character offsets (DESIGN.md §2.4)."""
+    """Token alignment (DESIGN.md §2.4): character offsets, or the published DTW for comparison."""
 
-    method: Literal["offsets"] = "offsets"
+    method: Literal["offsets", "dtw"] = "offsets"
 
 
 class FusionOptions(_Section):

@@ -31,6 +31,7 @@ from fusellm.vocab import VocabMap
 FUSIONS = ("min_ce", "avg_ce")
 GRANULARITIES = ("sequence", "token")
 CE_UNITS = ("token", "byte")
+ALIGNMENTS = ("offsets", "dtw")
 
 
 @dataclass
@@ -77,7 +78,21 @@ def _with_eos(text_alignment: np.ndarray) -> np.ndarray:
     return np.append(text_alignment, -1)
 
 
-def fuse_piece(text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k):
+def _align(text, target_tokenizer, t_ends, source, record, alignment):
+    """Source position per target text position: offsets (ours) or the published DTW."""
+    ids = record.input_ids[:-1]
+    if alignment == "dtw":
+        from fusellm.align import align_positions
+
+        return align_positions(text, target_tokenizer, source.tokenizer, method="dtw", source_ids=ids)
+    _, s_ends = token_end_chars(text, source.tokenizer, role=f"source '{source.name}'", ids=ids)
+    return pair_ends(t_ends, s_ends)
+
+
+def fuse_piece(
+    text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k,
+    alignment="offsets",
+):
     """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring."""
     t_ids, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_record.input_ids[:-1])
     target_next = np.append(target_record.input_ids[1:], -1)
@@ -92,15 +107,14 @@ def fuse_piece(text, target_tokenizer, target_record, sources, source_records, *
         tok_ce.append(np.nan_to_num(target_record.token_ce, nan=0.0))
     stats = []
     for source, record in zip(sources, source_records):
-        _, s_ends = token_end_chars(text, source.tokenizer, role=f"source '{source.name}'", ids=record.input_ids[:-1])
-        alignment = _with_eos(pair_ends(t_ends, s_ends))
-        ids, lps = transfer(record.ids, record.logprobs, alignment, source.vocab_map.source_to_target, target_next, k)
+        pairs = _with_eos(_align(text, target_tokenizer, t_ends, source, record, alignment))
+        ids, lps = transfer(record.ids, record.logprobs, pairs, source.vocab_map.source_to_target, target_next, k)
         candidates.append((ids, lps))
         seq_ce.append(_sequence_ce(record, n_bytes, ce_unit))
         if granularity == "token":
-            tok_ce.append(_token_ce(record, alignment, f"source '{source.name}'"))
-        aligned = alignment[:-1] >= 0  # the last position (after EOS) predicts nothing
-        top1 = record.ids[alignment[:-1][aligned], 0]
+            tok_ce.append(_token_ce(record, pairs, f"source '{source.name}'"))
+        aligned = pairs[:-1] >= 0  # the last position (after EOS) predicts nothing
+        top1 = record.ids[pairs[:-1][aligned], 0]
         stats.append(
             {
                 "positions": int(len(aligned)),
@@ -126,6 +140,7 @@ def build_fused_store(
     method: str = "min_ce",
     granularity: str = "sequence",
     ce_unit: str = "byte",
+    alignment: str = "offsets",
     top_k: int | None = None,
     shard_size: int = 256,
     progress: bool = True,
@@ -135,6 +150,7 @@ def build_fused_store(
         (method, FUSIONS, "method"),
         (granularity, GRANULARITIES, "granularity"),
         (ce_unit, CE_UNITS, "ce_unit"),
+        (alignment, ALIGNMENTS, "alignment"),
     ):
         if value not in allowed:
             raise ValueError(f"{field}={value!r}; expected one of {', '.join(allowed)}")
@@ -153,6 +169,7 @@ def build_fused_store(
         "method": method,
         "granularity": granularity,
         "ce_unit": ce_unit,
+        "alignment": alignment,
     }
     writer = TopkWriter(
         Path(out_dir), top_k=k, vocab_size=target_store.manifest["vocab_size"], meta=meta, shard_size=shard_size
@@ -169,7 +186,7 @@ def build_fused_store(
             target_record = target_store[i]
             ids, lps, stats = fuse_piece(
                 pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
-                method=method, granularity=granularity, ce_unit=ce_unit, k=k,
+                method=method, granularity=granularity, ce_unit=ce_unit, k=k, alignment=alignment,
             )
             for source, stat in zip(sources, stats):
                 for key, value in stat.items():

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -321,6 +322,47 @@ class TopkStore:
             ce=float(arrays["ce"][local]),
             token_ce=None if token_ce is None else token_ce[a:b].astype(np.float32),
         )
+
+
+def concat_stores(parts: Sequence, out_dir, *, meta: dict | None = None) -> dict:
+    """Join complete stores (e.g. one per shard of the pieces, made in parallel) into one.
+
+    Shard files are hard-linked where the filesystem allows, else copied. The parts must come from
+    the same model and tokenizer with the same top-k; `meta` entries (e.g. the hash of all the
+    pieces) override the first part's. Returns the manifest, written last (atomically).
+    """
+    stores = [TopkStore(p, verify=False) for p in parts]
+    if not stores:
+        raise StoreError("no stores to join")
+    first = stores[0].manifest
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged = {k: v for k, v in first.items() if k not in ("shards", "meta")}
+    merged.update(meta={**first["meta"], **(meta or {})}, shards=[], complete=True)
+    for store in stores:
+        m = store.manifest
+        for key in ("format", "version", "top_k", "vocab_size"):
+            if m[key] != first[key]:
+                raise StoreError(f"{store.dir}: {key}={m[key]!r} differs from {first[key]!r}")
+        for key in ("model_fingerprint", "tokenizer_fingerprint"):
+            if m["meta"].get(key) != first["meta"].get(key):
+                raise StoreError(f"{store.dir}: made by another model or tokenizer ({key} differs)")
+        for entry in m["shards"]:
+            index = len(merged["shards"])
+            name = f"shard-{index:05d}.safetensors"
+            target = out / name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(store.dir / entry["file"], target)
+            except OSError:
+                shutil.copy2(store.dir / entry["file"], target)
+            first_record = sum(s["count"] for s in merged["shards"])
+            merged["shards"].append({**entry, "index": index, "file": name, "first": first_record})
+    for key in ("count", "tokens", "bytes"):
+        merged[key] = sum(s[key] for s in merged["shards"])
+    merged["bytes_per_token"] = merged["bytes"] / max(merged["tokens"], 1)
+    _atomic_write_json(out / MANIFEST, merged)
+    return merged
 
 
 def open_topk(path, *, verify: bool = True) -> TopkStore:

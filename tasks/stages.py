@@ -147,7 +147,10 @@ def fuse_data(
     sources: list[tuple[ModelFiles, Artifact, Artifact]],
     config: FusionConfig,
 ) -> Artifact:
-    return pipeline.fuse_data(pieces, target, target_store, sources, config.fusion, config.workdir)
+    return pipeline.fuse_data(
+        pieces, target, target_store, sources, config.fusion, config.workdir,
+        alignment=config.alignment.method,
+    )
 
 
 def _train_key(p) -> tuple[str, str]:

@@ -138,3 +138,16 @@ def test_mismatched_inputs_fail_before_work(fusion_inputs, tiny_tokenizers):
     with pytest.raises(ValueError, match="method='best'"):
         build_fused_store(pieces, t_tok, target, [source], root / "x", method="best", progress=False)
     assert not (root / "x").exists()
+
+
+def test_published_dtw_alignment_option(fusion_inputs):
+    root, pieces, t_tok, source = fusion_inputs
+    manifest = build_fused_store(
+        pieces, t_tok, open_topk(root / "target"), [source], root / "fused-dtw", alignment="dtw", progress=False
+    )
+    stats = manifest["sources_stats"]["neox"]
+    offsets = build_fused_store(
+        pieces, t_tok, open_topk(root / "target"), [source], root / "fused-offsets", progress=False
+    )["sources_stats"]["neox"]
+    assert manifest["meta"]["alignment"] == "dtw"
+    assert 0 < stats["aligned_coverage"] <= offsets["aligned_coverage"]

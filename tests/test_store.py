@@ -3,6 +3,7 @@ import pytest
 
 from fusellm.store import (
     StoreError,
+    concat_stores,
     TopkRecord,
     TopkWriter,
     decode_logprobs,
@@ -141,3 +142,18 @@ def test_bad_record_shapes_and_ids(tmp_path):
     for folder in ("a", "b"):  # nothing half-written
         assert not (tmp_path / folder / "manifest.json").exists()
         assert not list((tmp_path / folder).glob("*shard*"))
+
+
+def test_concat_stores_joins_parts_in_order(tmp_path):
+    records = random_records(7)
+    write_topk(tmp_path / "a", records[:4], top_k=10, vocab_size=32000, meta={"model_fingerprint": "m"}, shard_size=3)
+    write_topk(tmp_path / "b", records[4:], top_k=10, vocab_size=32000, meta={"model_fingerprint": "m"})
+    manifest = concat_stores([tmp_path / "a", tmp_path / "b"], tmp_path / "all", meta={"texts_sha256": "x"})
+    store = open_topk(tmp_path / "all")
+    assert len(store) == 7 == manifest["count"] and len(manifest["shards"]) == 3
+    assert store.meta == {"model_fingerprint": "m", "texts_sha256": "x"}
+    for original, back in zip(records, store):
+        np.testing.assert_array_equal(back.input_ids, original.input_ids)
+    write_topk(tmp_path / "c", records[:1], top_k=10, vocab_size=32000, meta={"model_fingerprint": "other"})
+    with pytest.raises(StoreError, match="another model"):
+        concat_stores([tmp_path / "a", tmp_path / "c"], tmp_path / "bad")

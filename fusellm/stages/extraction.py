@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.sources import write_json_atomic
 from fusellm.stages.base import (
     Artifact,
     ModelFiles,
@@ -79,48 +76,21 @@ def extract_shard(
 
 def merge_stores(shards: list[Artifact], pieces: Artifact, workdir: Path) -> Artifact:
     """One store over all pieces from per-shard stores: shard files are hard-linked, not copied."""
-    from fusellm.store import MANIFEST, open_topk
+    from fusellm.store import StoreError, concat_stores
 
     def build(folder: Path) -> dict:
-        stores = [open_topk(s.path / "store", verify=False) for s in shards]
-        first = stores[0].manifest
-        merged = {k: v for k, v in first.items() if k not in ("shards", "meta")}
-        merged.update(
-            meta={**first["meta"], "texts_sha256": pieces.info["texts_sha256"]},
-            shards=[],
-            count=0,
-            tokens=0,
-            bytes=0,
-            complete=True,
-        )
-        out = folder / "store"
-        out.mkdir(exist_ok=True)
-        for index, store in enumerate(stores):
-            m = store.manifest
-            for key in ("top_k", "vocab_size", "format", "version"):
-                if m[key] != first[key]:
-                    raise StageError(f"{store.dir}: {key}={m[key]!r} differs from {first[key]!r}")
-            for key in ("model_fingerprint", "tokenizer_fingerprint"):
-                if m["meta"].get(key) != first["meta"].get(key):
-                    raise StageError(f"{store.dir}: made by another model ({key} differs)")
-            (entry,) = m["shards"]
-            name = f"shard-{index:05d}.safetensors"
-            target = out / name
-            target.unlink(missing_ok=True)
-            try:
-                os.link(store.dir / entry["file"], target)
-            except OSError:
-                shutil.copy2(store.dir / entry["file"], target)
-            merged["shards"].append(
-                {**entry, "index": index, "file": name, "first": merged["count"]}
+        try:
+            merged = concat_stores(
+                [s.path / "store" for s in shards],
+                folder / "store",
+                meta={"texts_sha256": pieces.info["texts_sha256"]},
             )
-            for key in ("count", "tokens", "bytes"):
-                merged[key] += entry[key]
+        except StoreError as err:
+            raise StageError(str(err)) from err
         if merged["count"] != pieces.info["pieces"]:
             raise StageError(
                 f"merged store has {merged['count']} records for {pieces.info['pieces']} pieces"
             )
-        write_json_atomic(out / MANIFEST, merged)
         return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"]}
 
     key = stage_key("store", shards=[s.key for s in shards], pieces=pieces.key)

@@ -35,6 +35,7 @@ def fuse_data(
     options: FusionOptions,
     workdir: Path,
     *,
+    alignment: str = "offsets",
     progress: bool = True,
 ) -> Artifact:
     """Align every source to the target and fuse the distributions into the training store.
@@ -64,6 +65,7 @@ def fuse_data(
             method=options.method,
             granularity=options.granularity,
             ce_unit=options.ce_unit,
+            alignment=alignment,
             shard_size=options.shard_size,
             progress=progress,
         )
@@ -79,6 +81,7 @@ def fuse_data(
         pieces=pieces.key,
         target=target_store.key,
         options=options.model_dump(),
+        alignment=alignment,
         sources=[[m.name, s.key, v.key] for m, s, v in sources],
     )
     return build_stage(workdir, "fuse", key, build)
