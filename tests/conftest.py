@@ -24,6 +24,26 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 REAL_TOKENIZERS = ("llama-spm", "mpt", "gpt-2")
 
 
+@pytest.fixture(autouse=True)
+def _isolated_process_state():
+    """Undo what a test leaves in this process: environment variables and MLflow's globals.
+
+    In-process flows set embedded defaults with os.environ.setdefault, and
+    mlflow.set_tracking_uri sets a module global that outranks the environment variable.
+    """
+    saved = dict(os.environ)
+    yield
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _shared_dir() -> Path:
     """../shared next to the checkout (FUSELLM_SHARED_DIR overrides)."""
     if "FUSELLM_SHARED_DIR" in os.environ:

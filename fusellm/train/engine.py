@@ -80,11 +80,12 @@ def init_distributed() -> None:
     """Join the launcher's process group, or make a one-process group when started bare."""
     import deepspeed
 
-    if dist.is_initialized():
-        return
     if "RANK" not in os.environ:  # no launcher: a single process (else DeepSpeed tries MPI)
+        # set even when a group exists already (an earlier in-process run): DeepSpeed reads them
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if dist.is_initialized():
+        return
     deepspeed.init_distributed()
 
 
