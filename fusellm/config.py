@@ -18,8 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusellm.corpus import CorpusRef
-from fusellm.sources import LocalURI, ModelRef, parse_uri
+from fusellm.sources import ModelRef
 from fusellm.train.config import TrainConfig
+from fusellm.uris import LocalURI, parse_uri
 
 
 class FusionConfigError(ValueError):

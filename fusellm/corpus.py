@@ -15,7 +15,7 @@ Formats, by file suffix (a folder may mix them, and nest them):
 * a folder written by ``datasets.save_to_disk`` (``state.json`` or ``dataset_dict.json`` inside).
 * ``hf://datasets/org/name[@revision]``: ``datasets.load_dataset`` with its own cache; offline mode
   (``HF_HUB_OFFLINE``) works from that cache.
-* ``s3://bucket/key-or-prefix``: mirrored with `fusellm.sources.fetch_s3`, then read as above.
+* ``s3://bucket/key-or-prefix``: mirrored with `fusellm.s3.fetch_s3`, then read as above.
 
 Malformed input is reported with the file, the line or row, and the field.
 """
@@ -25,28 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusellm.sources import (
-    FETCH_STATE,
-    MANIFEST,
-    HubURI,
-    S3URI,
-    SourceError,
-    check_endpoint,
-    fetch_s3,
-    hub_commit,
-    hub_offline,
-    list_s3,
-    listing_hash,
-    local_identity,
-    parse_uri,
-    s3_cache_folder,
-)
+from fusellm.hub import hub_commit, hub_offline
+from fusellm.s3 import FETCH_STATE, MANIFEST, fetch_s3, list_s3, listing_hash, s3_cache_folder
+from fusellm.sources import local_identity
+from fusellm.uris import S3URI, HubURI, SourceError, check_endpoint, parse_uri
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 

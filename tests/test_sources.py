@@ -9,38 +9,34 @@ import logging
 import os
 import subprocess
 import zlib
-
 from pathlib import Path
 
 import pytest
 import torch
-
 from pydantic import ValidationError
+from s3server import DUMMY_ENV, s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
-from fusellm import sources
-from fusellm.sources import (
+from fusellm import s3 as s3_module
+from fusellm.s3 import (
     FETCH_STATE,
     MANIFEST,
-    HubURI,
-    LocalURI,
-    ModelRef,
     S3Object,
-    S3URI,
     ServerChecks,
-    SourceError,
-    fetch,
     fetch_s3,
     list_s3,
-    load_model,
-    load_tokenizer,
-    local_identity,
-    parse_uri,
-    resolve,
     upload_dir,
     verify_object,
 )
+from fusellm.sources import (
+    ModelRef,
+    fetch,
+    load_model,
+    load_tokenizer,
+    local_identity,
+    resolve,
+)
 from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
-from s3server import DUMMY_ENV, s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
+from fusellm.uris import S3URI, HubURI, LocalURI, SourceError, parse_uri
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20 + ["def f(x):\n    return x + 1"] * 20
@@ -362,7 +358,7 @@ class _Interrupting:
 
 
 def test_fetch_resumes_after_interruption(tmp_path, s3_bucket):
-    client = sources.s3_client()
+    client = s3_module.s3_client()
     for i in range(3):
         client.put_object(
             Bucket=s3_bucket, Key=f"m/part-{i}.bin", Body=f"content {i}".encode() * 100
@@ -428,13 +424,13 @@ def test_checksum_mismatches_are_errors(tmp_path):
 
 
 def test_server_checks_of_real_uploads(tmp_path, s3_bucket, small_multipart):
-    client = sources.s3_client()
+    client = s3_module.s3_client()
     src = _model_dir(tmp_path / "src", big=11 * 2**20)
     upload_dir(src, f"s3://{s3_bucket}/m")
     objects = {o.name: o for o in list_s3(S3URI(s3_bucket, "m"))}
-    big = sources.server_checks(client, s3_bucket, objects["model.safetensors"])
+    big = s3_module.server_checks(client, s3_bucket, objects["model.safetensors"])
     assert big.part_size == 5 * 2**20 and big.crc32 is None  # composite: not a whole-file CRC
-    small = sources.server_checks(client, s3_bucket, objects["config.json"])
+    small = s3_module.server_checks(client, s3_bucket, objects["config.json"])
     assert small.part_size is None and small.crc32  # boto3 stored a CRC32; verified on fetch
     verify_object(src / "config.json", objects["config.json"], small)
     # A multipart object whose local bytes differ in one place fails the recomputed ETag.
@@ -451,7 +447,7 @@ def test_server_checks_of_real_uploads(tmp_path, s3_bucket, small_multipart):
 def test_object_changed_behind_the_manifest_is_an_error(tmp_path, s3_bucket):
     src = _model_dir(tmp_path / "src")
     upload_dir(src, f"s3://{s3_bucket}/m")
-    sources.s3_client().put_object(
+    s3_module.s3_client().put_object(
         Bucket=s3_bucket, Key="m/config.json", Body=b'{"model_type": "XXXX"}'
     )
     with pytest.raises(SourceError, match="SHA-256 .* recorded in fusellm-manifest.json"):
@@ -461,7 +457,7 @@ def test_object_changed_behind_the_manifest_is_an_error(tmp_path, s3_bucket):
 def test_manifest_hides_an_upload_in_progress(tmp_path, s3_bucket):
     src = _model_dir(tmp_path / "src")
     upload_dir(src, f"s3://{s3_bucket}/m")
-    client = sources.s3_client()
+    client = s3_module.s3_client()
     client.put_object(Bucket=s3_bucket, Key="m/half-uploaded.safetensors", Body=b"...")
     folder = fetch(ModelRef(uri=f"s3://{s3_bucket}/m"), tmp_path / "cache")
     assert not (folder / "half-uploaded.safetensors").exists()

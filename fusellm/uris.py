@@ -1,0 +1,138 @@
+"""Source URIs: `hf://org/name@revision`, `s3://bucket/prefix`, local paths (and `file://`).
+
+Parsing only; credentials never belong in a URI: `check_endpoint` refuses user info and `redact`
+masks it before a URL reaches a log or an error message.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit, urlunsplit
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+
+
+class SourceError(ValueError):
+    """A source cannot be parsed, found, fetched or verified; the message says which and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# URIs
+
+
+@dataclass(frozen=True)
+class HubURI:
+    repo_id: str
+    revision: str = "main"
+    repo_type: Literal["model", "dataset"] = "model"
+
+    def __str__(self) -> str:
+        kind = "datasets/" if self.repo_type == "dataset" else ""
+        return f"hf://{kind}{self.repo_id}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class S3URI:
+    bucket: str
+    key: str = ""  # a key or a prefix ("folder"); empty means the whole bucket
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+@dataclass(frozen=True)
+class LocalURI:
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+URI = HubURI | S3URI | LocalURI
+
+
+def parse_uri(uri: str) -> URI:
+    """Parse ``hf://[datasets/]org/name[@revision]``, ``s3://bucket/prefix``, ``file://`` or a path."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise SourceError(
+            f"empty source URI {uri!r}; expected hf://org/name, s3://bucket/prefix or a path"
+        )
+    uri = uri.strip()
+    if uri.startswith("hf://"):
+        return _parse_hub(uri)
+    if uri.startswith("s3://"):
+        return _parse_s3(uri)
+    if uri.startswith("file://"):
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise SourceError(f"{uri!r}: file:// URIs must name a local path (file:///abs/path)")
+        return LocalURI(Path(parts.path).expanduser())
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", uri):
+        scheme = uri.split("://", 1)[0]
+        raise SourceError(
+            f"{uri!r}: unsupported scheme {scheme!r}; expected hf://, s3://, file:// or a local path"
+        )
+    return LocalURI(Path(uri).expanduser())
+
+
+def _parse_hub(uri: str) -> HubURI:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    body = uri[len("hf://") :]
+    repo_type = "model"
+    if body.startswith("datasets/"):
+        repo_type, body = "dataset", body[len("datasets/") :]
+    repo_id, _, revision = body.partition("@")
+    if "@" in uri and not revision:
+        raise SourceError(f"{uri!r}: empty revision after '@'")
+    if repo_id.count("/") > 1:
+        raise SourceError(f"{uri!r}: a Hub repository id is 'org/name', got {repo_id!r}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise SourceError(f"{uri!r}: invalid Hub repository id {repo_id!r} ({err})") from None
+    return HubURI(repo_id, revision or "main", repo_type)
+
+
+def _parse_s3(uri: str) -> S3URI:
+    body = uri[len("s3://") :]
+    bucket, _, key = body.partition("/")
+    if "@" in bucket or ":" in bucket:
+        raise SourceError(
+            f"{redact(uri)!r}: credentials or ports do not belong in an S3 URI; set "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint URL instead"
+        )
+    if not _BUCKET.match(bucket):
+        raise SourceError(
+            f"{uri!r}: invalid S3 bucket name {bucket!r} (3-63 lowercase letters, digits, '.', '-')"
+        )
+    return S3URI(bucket, key)
+
+
+def redact(url: str | None) -> str | None:
+    """A URL with any user:password part replaced by '***', safe for logs and reprs."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def check_endpoint(url: str | None) -> str | None:
+    """Refuse endpoint URLs that carry user:password: configs are logged and shown in UIs."""
+    if url and urlsplit(url).netloc.count("@"):
+        raise SourceError(
+            f"endpoint_url {redact(url)!r} carries credentials; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY in the environment (or a Prefect block) instead"
+        )
+    if url and urlsplit(url).scheme not in ("http", "https"):
+        raise SourceError(f"endpoint_url {url!r} must start with http:// or https://")
+    return url
+
