@@ -11,6 +11,8 @@ import json
 
 import torch
 
+from fusellm.files import sha256_file  # noqa: F401  (re-exported)
+
 # Config keys that describe where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -60,14 +62,6 @@ def model_fingerprint(model) -> str:
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(sample.numpy().tobytes())
     return digest.hexdigest()
-
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_texts(texts) -> str:

@@ -23,12 +23,10 @@ nothing to learn from and are dropped, and counted.
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,15 @@ from fusellm.stages.base import (
     stage_path,
     tokenizer_of,
 )
+from fusellm.stages.evaluation import (
+    compare_key,
+    compare_models,
+    evaluate_key,
+    evaluate_model,
+    primary_scores,
+)
+from fusellm.stages.extraction import extract_key, extract_shard, merge_stores
+from fusellm.stages.fusion import fuse_data, vocab_map
 from fusellm.stages.prepare import (
     PIECES_FILE,
     fetch_model,
@@ -29,16 +38,6 @@ from fusellm.stages.prepare import (
     resolve_identities,
     shard_count,
 )
-from fusellm.stages.extraction import extract_key, extract_shard, merge_stores
-from fusellm.stages.fusion import fuse_data, vocab_map
-from fusellm.stages.training import train_key, train_model, training_config
-from fusellm.stages.evaluation import (
-    compare_key,
-    compare_models,
-    evaluate_key,
-    evaluate_model,
-    primary_scores,
-)
 from fusellm.stages.registry import (
     changed_inputs,
     config_hash,
@@ -46,6 +45,7 @@ from fusellm.stages.registry import (
     register_fused,
     write_record,
 )
+from fusellm.stages.training import train_key, train_model, training_config
 
 __all__ = [
     "PIECES_FILE", "STAGE_FILE", "Artifact", "ModelFiles", "StageError", "build_stage",

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from fusellm.files import sha256_file as file_sha256
+from fusellm.files import write_json_atomic
 from fusellm.uris import S3URI, SourceError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -204,28 +205,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON under a temporary name in the same folder, then rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def multipart_etag(path: Path, part_size: int) -> str:

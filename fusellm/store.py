@@ -39,7 +39,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fusellm.fingerprint import sha256_file
+from fusellm.files import sha256_file, write_json_atomic
 
 FORMAT = "fusellm-topk"
 VERSION = 1
@@ -81,12 +81,6 @@ def decode_logprobs(codes: np.ndarray) -> np.ndarray:
 def id_dtype(vocab_size: int) -> np.dtype:
     """Smallest unsigned dtype that holds every id of the vocabulary."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def _shard_arrays(records: Sequence[TopkRecord], top_k: int, vocab_size: int) -> dict:
@@ -210,7 +204,7 @@ class TopkWriter:
         os.replace(tmp, self.dir / name)
         self.manifest["shards"].append(entry)
         self._update_totals()
-        _atomic_write_json(self.dir / MANIFEST, self.manifest)
+        write_json_atomic(self.dir / MANIFEST, self.manifest)
         return entry
 
     def finish(self, **extra) -> dict:
@@ -219,7 +213,7 @@ class TopkWriter:
         self.manifest["complete"] = True
         tokens = max(self.manifest["tokens"], 1)
         self.manifest["bytes_per_token"] = self.manifest["bytes"] / tokens
-        _atomic_write_json(self.dir / MANIFEST, self.manifest)
+        write_json_atomic(self.dir / MANIFEST, self.manifest)
         return self.manifest
 
 
@@ -361,7 +355,7 @@ def concat_stores(parts: Sequence, out_dir, *, meta: dict | None = None) -> dict
     for key in ("count", "tokens", "bytes"):
         merged[key] = sum(s[key] for s in merged["shards"])
     merged["bytes_per_token"] = merged["bytes"] / max(merged["tokens"], 1)
-    _atomic_write_json(out / MANIFEST, merged)
+    write_json_atomic(out / MANIFEST, merged)
     return merged
 
 

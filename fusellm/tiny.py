@@ -9,7 +9,6 @@ marker and byte fallback (Llama), byte-level BPE (GPT-2, GPT-NeoX, MPT) and Word
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 from typing import Iterable, Literal
 

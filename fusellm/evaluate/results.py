@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fusellm.files import write_text_atomic
 
 
 @dataclass
@@ -53,20 +53,6 @@ class SuiteResult:
 
     def save(self, path: str | Path) -> Path:
         return write_text_atomic(Path(path), self.to_json())
-
-
-def write_text_atomic(path: Path, text: str) -> Path:
-    """Write beside the target and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _number(value) -> float | None:

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from fusellm.files import write_text_atomic
+
 TAG = "ds"
 LATEST = "latest"
 STATE = "trainer_state.json"
@@ -63,12 +65,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(root: Path) -> Path | None:
     """The folder `latest` names, or None when no checkpoint was completed."""
     pointer = Path(root) / LATEST
@@ -98,7 +94,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep: int
         (tmp / STATE).write_text(json.dumps(client_state, indent=2, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)  # a rerun past a step whose pointer was lost
         os.replace(tmp, final)
-        _atomic_text(root / LATEST, name + "\n")
+        write_text_atomic(root / LATEST, name + "\n")
         _prune(root, keep)
     _barrier()
     return final
