@@ -81,12 +81,17 @@ def test_local_suite_bits_per_byte(tiny, tmp_path):
     model, tok = tiny
     out = tmp_path / "local"
     result = run_suite(model, "local", tokenizer=tok, data_dir=DATA, output_dir=out, limit=LIMIT)
-    tasks = ["fusellm_local_prose", "fusellm_local_code", "fusellm_local_mc"]
+    tasks = [
+        "fusellm_local_docs",
+        "fusellm_local_code",
+        "fusellm_local_docstrings",
+        "fusellm_local_mc",
+    ]
     _check(result, out, tasks, set())
-    for task in tasks[:2]:
+    for task in tasks[:3]:
         assert result.metrics[task]["bits_per_byte"] > 0
     assert {"acc", "acc_norm"} <= set(result.metrics["fusellm_local_mc"])
-    mean_bpb = sum(result.metrics[t]["bits_per_byte"] for t in tasks[:2]) / 2
+    mean_bpb = sum(result.metrics[t]["bits_per_byte"] for t in tasks[:3]) / 3
     assert result.average == pytest.approx(mean_bpb)
     assert result.higher_is_better is False
 
@@ -128,7 +133,7 @@ def test_cli_on_model_folder(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     saved = SuiteResult.load(out / "results.json")
     assert saved.model == "model"
-    assert saved.metrics["fusellm_local_prose"]["bits_per_byte"] > 0
+    assert saved.metrics["fusellm_local_docs"]["bits_per_byte"] > 0
     assert "average" in result.output
 
     bad = runner.invoke(

@@ -157,7 +157,7 @@ def s3_fusion(servers):
     # about the plumbing of registration, not about the method's gains).
     held_out = [
         json.loads(line)["text"]
-        for domain in ("prose", "code")
+        for domain in ("docs", "code", "docstrings")
         for line in (EVAL_DATA / "fusellm" / "local" / domain / "test.jsonl")
         .read_text()
         .splitlines()
