@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from fusellm.demo.run import demo_command
+from fusellm.evaluate.cli import eval_command
 from fusellm.run_cli import run_command
+from fusellm.train.cli import train_command
 from fusellm.ui_cli import ui_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -18,10 +21,11 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.command("train")(__import__("fusellm.train.cli", fromlist=["train_command"]).train_command)
-app.command("ui")(ui_command)
+app.command("demo")(demo_command)
 app.command("run")(run_command)
-app.command("eval")(__import__("fusellm.evaluate.cli", fromlist=["eval_command"]).eval_command)
+app.command("ui")(ui_command)
+app.command("train")(train_command)
+app.command("eval")(eval_command)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -1,0 +1,254 @@
+"""The demo's fusion recipe, and the library-only run that measures it (no orchestration).
+
+`DemoRecipe` holds every knob of the miniature fusion that `fusellm demo` runs through the
+`fuse` flow: how much of each domain's ``fusion`` split is the corpus, the piece length, top-k,
+the fusion function and the training hyperparameters. `run_recipe` runs the same science with
+the library's functions alone (pieces, extraction, vocabulary maps, fused store, DeepSpeed
+training of the fused model and of the CLM baseline) and scores every model on the fixed
+held-out texts, so that recipes can be compared in minutes without Prefect or MLflow.
+The measurements behind `DEFAULT_DEMO_RECIPE` are in ``docs/demo-recipe.md``.
+
+The evaluation is not a knob: held-out bits per byte of each domain's ``heldout`` split, the
+first `HELDOUT_BYTES` bytes of it, as `fusellm.demo.sources.heldout_report` scores the sources.
+
+    python -m fusellm.demo.recipe --steps 450 --learning-rate 1e-3 --lam 0.9 --out /tmp/recipe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fusellm.demo.data import DOMAINS, load_split
+
+HELDOUT_BYTES = 60_000  # per domain: the same texts score sources, baseline and fused model
+
+
+class DemoRecipe(BaseModel):
+    """The miniature fusion: corpus, extraction, fusion function and training of the target."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    target: str = Field("llama-docs", description="the source the target starts from")
+    fusion_bytes: int = Field(400_000, ge=1_000, description="fusion text per domain, at most")
+    mix: dict[str, float] = Field(
+        default_factory=lambda: dict.fromkeys(DOMAINS, 1.0),
+        description="domain -> share of fusion_bytes it contributes (1 = all of it)",
+    )
+    block_size: int = Field(512, ge=16, description="the sources' window")
+    margin: int = Field(8, ge=2, description="room for BOS/EOS in every tokenizer")
+    top_k: int = Field(
+        100, ge=1, description="kept per position; 10 in the paper, see docs/demo-recipe.md"
+    )
+    method: Literal["min_ce", "avg_ce"] = "min_ce"
+    granularity: Literal["sequence", "token"] = "sequence"
+    ce_unit: Literal["byte", "token"] = "byte"
+    lam: float = Field(0.9, ge=0, lt=1, description="CLM weight of the fused model")
+    temperature: float = Field(1.0, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    batch: int = Field(8, ge=1, description="sequences per optimizer step")
+    steps: int = Field(450, ge=1)
+    seed: int = 0
+
+    @field_validator("mix")
+    @classmethod
+    def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(mix) - set(DOMAINS))
+        if unknown:
+            raise ValueError(f"unknown domains {unknown}; expected some of {list(DOMAINS)}")
+        if any(not 0 <= w <= 1 for w in mix.values()) or not any(mix.values()):
+            raise ValueError(f"mix shares must lie in [0, 1], at least one above 0; got {mix}")
+        return mix
+
+    def train_fields(self, lam: float) -> dict:
+        """The `TrainConfig` fields of one training (fused: `lam`, baseline: 1)."""
+        return {
+            "lam": lam,
+            "temperature": self.temperature,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler": "cosine",
+            "warmup_ratio": self.warmup_ratio,
+            "global_batch": self.batch,
+            "micro_batch": self.batch,
+            "max_length": self.block_size,
+            "max_steps": self.steps,
+            "seed": self.seed,
+            "zero_stage": 0,  # one CPU process: nothing to partition
+            "bf16": False,
+            "gradient_checkpointing": False,  # tiny activations; recomputing only costs time
+            "checkpoint_every": self.steps,
+            "keep_checkpoints": 1,
+        }
+
+
+DEFAULT_DEMO_RECIPE = DemoRecipe()
+
+
+def fusion_texts(recipe: DemoRecipe) -> list[str]:
+    """The fusion corpus: each domain's ``fusion`` split up to `fusion_bytes`, interleaved.
+
+    Interleaving (doc 1 of each domain, then doc 2, ...) keeps the domains mixed in every shard.
+    """
+    per_domain = [
+        load_split(d, "fusion", max_bytes=int(recipe.fusion_bytes * recipe.mix.get(d, 0.0)))
+        for d in DOMAINS
+        if recipe.mix.get(d, 0.0) > 0
+    ]
+    mixed = []
+    for i in range(max(len(docs) for docs in per_domain)):
+        mixed += [docs[i] for docs in per_domain if i < len(docs)]
+    return mixed
+
+
+def heldout_texts() -> dict[str, list[str]]:
+    """The fixed evaluation texts: each domain's held-out split, first `HELDOUT_BYTES`."""
+    return {d: load_split(d, "heldout", max_bytes=HELDOUT_BYTES) for d in DOMAINS}
+
+
+def _timed(times: dict, name: str, started: float) -> float:
+    now = time.perf_counter()
+    times[name] = round(now - started, 1)
+    return now
+
+
+def run_recipe(
+    recipe: DemoRecipe,
+    out: str | Path,
+    *,
+    sources: dict[str, Path] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Fuse with the library alone and score every model; returns the table and timings."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from fusellm.demo.heldout import bits_per_byte_table
+    from fusellm.demo.sources import build_sources
+    from fusellm.extract import extract_topk
+    from fusellm.fused_data import SourceData, build_fused_store
+    from fusellm.pieces import make_pieces
+    from fusellm.store import open_topk
+    from fusellm.train import train
+    from fusellm.vocab import build_vocab_map
+
+    torch.set_num_threads(2)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+    paths = sources or build_sources(progress=progress).paths
+    if recipe.target not in paths:
+        raise ValueError(f"target {recipe.target!r} is not one of the sources {sorted(paths)}")
+    t = _timed(times, "sources", t)
+    tokenizers = {name: AutoTokenizer.from_pretrained(p) for name, p in paths.items()}
+    pieces = make_pieces(
+        fusion_texts(recipe),
+        list(tokenizers.values()),
+        recipe.block_size,
+        recipe.margin,
+        progress=progress,
+    )
+    t = _timed(times, "pieces", t)
+    stores = {}
+    for name, path in paths.items():
+        from fusellm.demo.heldout import load_model
+
+        model, tokenizer = load_model(path)
+        folder = out / "extract" / (name if recipe.top_k == 10 else f"{name}-k{recipe.top_k}")
+        if not (folder / "manifest.json").is_file():
+            extract_topk(
+                model,
+                tokenizer,
+                pieces,
+                folder,
+                top_k=recipe.top_k,
+                max_length=recipe.block_size,
+                progress=progress,
+            )
+        stores[name] = open_topk(folder)
+    t = _timed(times, "extract", t)
+    target_tok = tokenizers[recipe.target]
+    others = [
+        SourceData(
+            name,
+            tokenizers[name],
+            stores[name],
+            build_vocab_map(tokenizers[name], target_tok, cache_dir=out, progress=False),
+        )
+        for name in paths
+        if name != recipe.target
+    ]
+    fused_dir = out / "fused-data" / f"{recipe.method}-{recipe.granularity}-{recipe.ce_unit}"
+    if recipe.top_k != 10:
+        fused_dir = fused_dir.with_name(f"{fused_dir.name}-k{recipe.top_k}")
+    if (fused_dir / "manifest.json").is_file():
+        fused_manifest = json.loads((fused_dir / "manifest.json").read_text())
+    else:
+        fused_manifest = build_fused_store(
+            pieces,
+            target_tok,
+            stores[recipe.target],
+            others,
+            fused_dir,
+            method=recipe.method,
+            granularity=recipe.granularity,
+            ce_unit=recipe.ce_unit,
+            top_k=recipe.top_k,
+            progress=progress,
+        )
+    t = _timed(times, "fuse", t)
+    tag = f"lr{recipe.learning_rate}-b{recipe.batch}-s{recipe.steps}-t{recipe.temperature}"
+    trained = {}
+    for name, lam in (("clm-baseline", 1.0), ("fused", recipe.lam)):
+        run_dir = (
+            out / "train" / f"{name}-{tag}" / (f"lam{lam}" + ("" if lam == 1 else fused_dir.name))
+        )
+        if not (run_dir / "model" / "config.json").is_file():
+            train(recipe.train_fields(lam), paths[recipe.target], fused_dir, run_dir, resume=False)
+        trained[name] = run_dir / "model"
+        t = _timed(times, f"train-{name}", t)
+    table = bits_per_byte_table({**paths, **trained}, heldout_texts(), progress=progress)
+    t = _timed(times, "evaluate", t)
+    for row in table.values():
+        row["mean"] = sum(row[d] for d in DOMAINS) / len(DOMAINS)
+    stats = fused_manifest.get("sources_stats") or fused_manifest.get("meta", {}).get(
+        "sources_stats"
+    )
+    return {
+        "recipe": recipe.model_dump(),
+        "pieces": len(pieces),
+        "table": table,
+        "fused_stats": stats,
+        "seconds": times,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one recipe from the command line and print its table as one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--mix", type=json.loads, default=None, help='JSON, e.g. {"docs": 0.5}')
+    for name, field in DemoRecipe.model_fields.items():
+        if name == "mix":
+            continue
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=type(field.default), default=None
+        )
+    args = vars(parser.parse_args(argv))
+    out = args.pop("out")
+    recipe = DemoRecipe(**{k: v for k, v in args.items() if v is not None})
+    result = run_recipe(recipe, out)
+    from fusellm.demo.heldout import print_table
+
+    print_table({n: {d: r[d] for d in DOMAINS} for n, r in result["table"].items()})
+    print(json.dumps(result, default=str))
+
+
+if __name__ == "__main__":
+    main()

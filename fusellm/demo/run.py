@@ -1,0 +1,267 @@
+"""`fusellm demo`: a real miniature FuseLLM on a laptop CPU, through the same `fuse` flow.
+
+Steps, each shown as it runs:
+
+1. build (or reuse from the cache) the three tiny sources (`fusellm.demo.sources`);
+2. write the fusion corpus (each domain's ``fusion`` split, `DemoRecipe.fusion_bytes`) as JSONL
+   and the `local` evaluation suite's data: each domain's held-out text for bits per byte, and a
+   multiple-choice task built from the same held-out text;
+3. write ``<out>/config.yaml``, a `FusionConfig` with the recipe of `fusellm.demo.recipe`
+   (target = the Llama-style source, all three sources, λ = 0.9, the CLM baseline at λ = 1);
+4. run the Prefect `fuse` flow on it, under the embedded defaults, so Prefect and MLflow record
+   the run like any other fusion;
+5. write ``report.json``, ``report.md`` and ``report.png`` (`fusellm.demo.report`) and print
+   where they are and the commands that open the Prefect and MLflow UIs on these runs.
+
+Everything is seeded: two runs with the same seed write the same report.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE, DemoRecipe
+
+MC_PER_DOMAIN = 40  # multiple-choice questions per domain
+MC_CHOICES = 4
+MC_CONTEXT_LINES = 3
+MC_LINE_CHARS = (8, 80)  # lines used as context or answers: not trivial, and short enough that
+# an answer fits the smallest model window (lm-eval refuses continuations longer than that)
+_MC_SALT = b"fusellm-demo-mc-v1\0"
+
+
+def _write_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _rank(*parts: str) -> str:
+    """A fixed pseudo-random order key: the same text always sorts to the same place."""
+    return hashlib.sha256(_MC_SALT + "\0".join(parts).encode("utf-8")).hexdigest()
+
+
+def continuation_questions(
+    texts: list[str], n: int = MC_PER_DOMAIN, choices: int = MC_CHOICES
+) -> list[dict]:
+    """Questions "which line comes next?" from held-out documents, deterministic.
+
+    For each document with enough lines, the question is `MC_CONTEXT_LINES` lines of it and the
+    right answer the line that follows; the wrong answers are lines of other documents of the
+    same domain. Which position, which distractors and where the answer goes are all fixed by
+    hashes of the text, so the task never changes between runs or machines.
+    """
+    low, high = MC_LINE_CHARS
+    lines_of = [[ln for ln in t.splitlines() if low <= len(ln.strip()) <= high] for t in texts]
+    pool = sorted({ln for lines in lines_of for ln in lines}, key=lambda ln: _rank("pool", ln))
+    out = []
+    for lines in lines_of:
+        if len(lines) <= MC_CONTEXT_LINES or len(out) >= n:
+            continue
+        positions = range(MC_CONTEXT_LINES, len(lines))
+        at = min(positions, key=lambda i: _rank("at", lines[i - 1], lines[i]))
+        answer = lines[at]
+        own = set(lines)
+        wrong = [ln for ln in pool if ln not in own][: choices - 1]
+        if len(wrong) < choices - 1:
+            continue
+        options = sorted([answer, *wrong], key=lambda ln: _rank("order", answer, ln))
+        out.append(
+            {
+                "question": "\n".join(lines[at - MC_CONTEXT_LINES : at]),
+                "choices": options,
+                "answer": options.index(answer),
+            }
+        )
+        pool = pool[choices - 1 :] + pool[: choices - 1]  # other distractors for the next one
+    return out
+
+
+def write_eval_data(folder: Path) -> dict[str, int]:
+    """The `local` suite's data under ``folder/fusellm/local``: held-out text and questions."""
+    from fusellm.demo.recipe import heldout_texts
+
+    texts = heldout_texts()
+    root = folder / "fusellm" / "local"
+    counts, questions = {}, []
+    for domain, docs in texts.items():
+        if not docs:
+            raise ValueError(f"the {domain!r} domain has no held-out documents")
+        _write_atomic(root / domain / "test.jsonl", _jsonl([{"text": t} for t in docs]))
+        counts[domain] = len(docs)
+        questions += continuation_questions(docs)
+    _write_atomic(root / "mc" / "test.jsonl", _jsonl(questions))
+    counts["mc"] = len(questions)
+    return counts
+
+
+def write_corpus(path: Path, recipe: DemoRecipe) -> int:
+    """The fusion corpus as JSONL (one document per line, field ``text``)."""
+    from fusellm.demo.recipe import fusion_texts
+
+    texts = fusion_texts(recipe)
+    _write_atomic(path, _jsonl([{"text": t} for t in texts]))
+    return len(texts)
+
+
+def demo_config(
+    recipe: DemoRecipe, sources: dict[str, Path], *, corpus: Path, eval_dir: Path, workdir: Path
+) -> dict:
+    """The demo's `FusionConfig` as plain data (what config.yaml holds)."""
+    if recipe.target not in sources:
+        raise ValueError(f"target {recipe.target!r} is not one of the sources {sorted(sources)}")
+    return {
+        "name": "fusellm-demo",
+        "target": {"uri": str(sources[recipe.target]), "name": recipe.target},
+        "sources": [{"uri": str(path), "name": name} for name, path in sources.items()],
+        "corpus": {"uri": str(corpus)},
+        "pieces": {"block_size": recipe.block_size, "margin": recipe.margin},
+        "extraction": {"top_k": recipe.top_k, "batch_size": 8, "device": "cpu"},
+        "fusion": {
+            "method": recipe.method,
+            "granularity": recipe.granularity,
+            "ce_unit": recipe.ce_unit,
+        },
+        "training": recipe.train_fields(recipe.lam),
+        "evaluation": {"suites": ["local"], "data_dir": str(eval_dir), "batch_size": 8},
+        "tracking": {"experiment": "fusellm-demo", "registered_model": "fusellm-demo-fused"},
+        "workdir": str(workdir),
+    }
+
+
+def flow_suite_results(run_id: str, suite: str = "local") -> dict[str, dict]:
+    """{model label: per-task metrics} from the evaluation artifacts the flow logged to MLflow."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    children = client.search_runs(
+        [run.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.mlflow.runName = 'evaluate'",
+    )
+    if not children:
+        raise RuntimeError(f"MLflow run {run_id} has no 'evaluate' stage run")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=children[0].info.run_id, artifact_path="evaluation", dst_path=tmp
+            )
+        )
+        out = {}
+        for result in sorted(root.glob(f"*/{suite}/results.json")):
+            out[result.parent.parent.name] = json.loads(result.read_text())["metrics"]
+    if not out:
+        raise RuntimeError(f"MLflow run {run_id}: no evaluation/*/{suite}/results.json artifacts")
+    return out
+
+
+def run_demo(
+    out: str | Path = "fusellm-demo",
+    *,
+    recipe: DemoRecipe = DEFAULT_DEMO_RECIPE,
+    sources_recipe=None,
+    cache_dir: str | Path | None = None,
+    home: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build, fuse, evaluate and report; returns the report mapping (see `fusellm.demo.report`)."""
+    from rich.console import Console
+
+    from fusellm.config import parse_fusion_config
+    from fusellm.demo import report as reporting
+    from fusellm.demo.sources import DEFAULT_RECIPE, build_sources
+    from fusellm.settings import apply_embedded_defaults
+
+    console = Console()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    apply_embedded_defaults(home)  # before Prefect and MLflow read their settings
+    sources_recipe = sources_recipe or DEFAULT_RECIPE
+    sources_recipe = sources_recipe.model_copy(update={"seed": recipe.seed})
+
+    console.rule("[bold]1/5 sources")
+    built = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress)
+    console.rule("[bold]2/5 data")
+    data = out / "data"
+    n_docs = write_corpus(data / "corpus.jsonl", recipe)
+    counts = write_eval_data(data / "eval")
+    console.print(f"fusion corpus: {n_docs} documents; held-out: {counts}")
+    console.rule("[bold]3/5 config")
+    raw = demo_config(
+        recipe,
+        built.paths,
+        corpus=data / "corpus.jsonl",
+        eval_dir=data / "eval",
+        workdir=out / "work",
+    )
+    config_path = _write_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+    config = parse_fusion_config(raw, source=str(config_path))
+    console.print(f"wrote {config_path}")
+    console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
+    from flows.fuse import fuse
+
+    summary = fuse(config)
+    console.rule("[bold]5/5 report")
+    results = flow_suite_results(summary["run_id"])
+    metrics = {label: reporting.model_metrics(tasks) for label, tasks in results.items()}
+    report = reporting.build_report("fused", "baseline", list(built.paths), metrics)
+    paths = reporting.write_report(report, out)
+    _print_end(console, report, paths, home)
+    return report
+
+
+def _print_end(console, report: dict, paths: dict, home) -> None:
+    from rich.table import Table
+
+    from fusellm.demo.report import PRIMARY, verdict
+    from fusellm.settings import ui_commands
+
+    table = Table(title="held-out bits per byte (lower is better)")
+    columns = [c for c in next(iter(report["metrics"].values())) if c.startswith(PRIMARY)]
+    table.add_column("model")
+    for c in columns:
+        table.add_column(c.replace(PRIMARY, "bpb"), justify="right")
+    for name, row in report["metrics"].items():
+        table.add_row(name, *(f"{row[c]:.4f}" for c in columns))
+    console.print(table)
+    win = verdict(report)
+    console.print(
+        "fused beats every source and the CLM baseline: "
+        + ("[bold green]yes[/]" if win["fused_wins"] else "[bold red]no[/]")
+    )
+    console.print(f"report: {paths['md']}  ({paths['json'].name}, {paths['png'].name})")
+    for name, command in ui_commands(home).items():
+        console.print(f"{name} UI: [cyan]{command}[/]", soft_wrap=True)
+
+
+def demo_command(
+    out: Annotated[
+        Path, typer.Option("--out", help="folder for config, data, runs, report")
+    ] = Path("fusellm-demo"),
+    seed: Annotated[int, typer.Option(help="seeds sources and training")] = 0,
+    home: Annotated[
+        Path | None, typer.Option("--home", help="data folder for Prefect and MLflow state")
+    ] = None,
+) -> None:
+    """Run the miniature FuseLLM demo on this CPU and write fusellm-demo/report.{json,md,png}."""
+    run_demo(out, recipe=DEFAULT_DEMO_RECIPE.model_copy(update={"seed": seed}), home=home)
