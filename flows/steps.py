@@ -196,7 +196,22 @@ def evaluate(
             )
             tracking.log_artifact(comparison.path / "comparison.md", "comparison")
             tracking.log_artifact(comparison.path / "comparison.png", "comparison")
+    _summarise_on_fusion_run(results, comparison)
     return results, comparison
+
+
+def _summarise_on_fusion_run(results: dict[str, dict[str, Artifact]], comparison) -> None:
+    """The headline scores and chart on the fusion's own run too, where people look first."""
+    for label, suites in results.items():
+        for suite, result in suites.items():
+            if result.info.get("average") is not None:
+                tracking.log_metrics(
+                    {result.info["primary_metric"]: result.info["average"]},
+                    prefix=f"{suite}/{label}",
+                )
+    if comparison is not None:
+        tracking.log_artifact(comparison.path / "comparison.md", "comparison")
+        tracking.log_artifact(comparison.path / "comparison.png", "comparison")
 
 
 def log(message: str, *args) -> None:
