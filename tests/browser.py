@@ -215,9 +215,13 @@ def require_chromium() -> Path:
     return CHROMIUM
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Headless Debian Chromium under Playwright, on loopback only, closed at the end."""
+    """Headless Debian Chromium under Playwright, on loopback only, closed after the module.
+
+    Not session-wide: while Playwright's sync API is open it holds an asyncio loop in the main
+    thread, and every later test that runs asyncio there (Prefect's flows do) would fail.
+    """
     executable = require_chromium()
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(
