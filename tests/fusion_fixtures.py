@@ -62,7 +62,7 @@ def fusion_dict(models: dict[str, str], corpus: str, workdir: Path, tracking_uri
         "training": {
             "global_batch": 4,
             "micro_batch": 2,
-            "max_steps": 600,
+            "max_steps": 1500,
             "max_length": 64,
             "zero_stage": 0,
             "gradient_checkpointing": False,

@@ -105,7 +105,7 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     assert "fusion/neox/min_ce_win_rate" in fusion_metrics
     assert "local/fused/bits_per_byte" in stages["evaluate"].data.metrics
     history = client.get_metric_history(stages["train_fused"].info.run_id, "train/fused/loss")
-    assert [m.step for m in history] == list(range(1, 601))
+    assert [m.step for m in history] == list(range(1, 1501))
     artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
     assert {"comparison", "evaluation"} <= artifacts
     version = client.get_model_version("tiny-fused", "1")
