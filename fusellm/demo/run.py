@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +28,7 @@ import typer
 import yaml
 
 from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE, DemoRecipe
+from fusellm.files import write_text_atomic
 
 MC_PER_DOMAIN = 40  # multiple-choice questions per domain
 MC_CHOICES = 4
@@ -36,19 +36,6 @@ MC_CONTEXT_LINES = 3
 MC_LINE_CHARS = (8, 80)  # lines used as context or answers: not trivial, and short enough that
 # an answer fits the smallest model window (lm-eval refuses continuations longer than that)
 _MC_SALT = b"fusellm-demo-mc-v1\0"
-
-
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -106,10 +93,10 @@ def write_eval_data(folder: Path) -> dict[str, int]:
     for domain, docs in texts.items():
         if not docs:
             raise ValueError(f"the {domain!r} domain has no held-out documents")
-        _write_atomic(root / domain / "test.jsonl", _jsonl([{"text": t} for t in docs]))
+        write_text_atomic(root / domain / "test.jsonl", _jsonl([{"text": t} for t in docs]))
         counts[domain] = len(docs)
         questions += continuation_questions(docs)
-    _write_atomic(root / "mc" / "test.jsonl", _jsonl(questions))
+    write_text_atomic(root / "mc" / "test.jsonl", _jsonl(questions))
     counts["mc"] = len(questions)
     return counts
 
@@ -119,7 +106,7 @@ def write_corpus(path: Path, recipe: DemoRecipe) -> int:
     from fusellm.demo.recipe import fusion_texts
 
     texts = fusion_texts(recipe)
-    _write_atomic(path, _jsonl([{"text": t} for t in texts]))
+    write_text_atomic(path, _jsonl([{"text": t} for t in texts]))
     return len(texts)
 
 
@@ -214,7 +201,7 @@ def run_demo(
         eval_dir=data / "eval",
         workdir=out / "work",
     )
-    config_path = _write_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+    config_path = write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     config = parse_fusion_config(raw, source=str(config_path))
     console.print(f"wrote {config_path}")
     console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
