@@ -4,8 +4,8 @@ Target Llama-2 (SentencePiece, 32k), source MPT-7B (byte-level BPE, 50k), from .
 Texts are real English prose (the pydoc topics that ship with Python) and real code (standard
 library sources), cut to 256 ... 2048 target tokens. For each text we time
 
-* ours: `fusellm.align.align_positions(method="offsets")`, tokenization included;
-* baseline: tokenizing both sides, then the published pairing (`fusellm.align_dtw`: token strings
+* ours: `fusellm.method.align.align_positions(method="offsets")`, tokenization included;
+* baseline: tokenizing both sides, then the published pairing (`fusellm.method.align_dtw`: token strings
   with the word marker rewritten, quadratic DTW, the published "hard" string check),
 
 median over repeats (ours, being cheap, gets 3x the repeats; DTW gets fewer at large sizes,
@@ -39,8 +39,8 @@ from rich.table import Table
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from fusellm.align import align_positions, token_end_chars
-from fusellm.align_dtw import check_pairs, dtw_pairs, published_token_strings
+from fusellm.method.align import align_positions, token_end_chars
+from fusellm.method.align_dtw import check_pairs, dtw_pairs, published_token_strings
 
 DEFAULT_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 CODE_MODULES = ("textwrap", "functools", "json.decoder", "heapq", "string", "bisect", "argparse")

@@ -1,6 +1,6 @@
 """Extraction throughput: top-k on the device vs copying full logits to the host.
 
-Ours is `fusellm.extract.extract_topk` (top-k and log-softmax on the device, only [B, L, k] values
+Ours is `fusellm.data.extract.extract_topk` (top-k and log-softmax on the device, only [B, L, k] values
 cross to the host, shards written to disk). The baseline runs the same forward passes and copies
 the full [B, L, V] logits to the host, where it takes the log-softmax and top-k (what a plain
 loop does). Default: a 1B-class random-weight Llama (TinyLlama shape) in bf16 on CUDA, pieces of
@@ -19,7 +19,7 @@ import torch
 from _common import emit, load_tokenizer, real_text
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fusellm.extract import _encode, extract_topk
+from fusellm.data.extract import _encode, extract_topk
 
 SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

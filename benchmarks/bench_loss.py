@@ -42,7 +42,7 @@ def dense_loss(logits, labels, ids, logprobs, lam=0.9, temperature=1.0):
 
 
 def sparse_loss(logits, labels, ids, logprobs):
-    from fusellm.loss import fusion_loss
+    from fusellm.method.loss import fusion_loss
 
     return fusion_loss(logits, labels, ids, logprobs, lam=0.9, temperature=1.0)
 

@@ -21,9 +21,9 @@ import pyarrow.feather as feather
 import torch
 from _common import emit, load_tokenizer, real_text
 
-from fusellm.extract import extract_topk
-from fusellm.store import open_topk
-from fusellm.tiny import tiny_model
+from fusellm.data.extract import extract_topk
+from fusellm.data.store import open_topk
+from fusellm.testing.tiny import tiny_model
 
 
 def pieces_of(tokenizer, text: str, n: int, tokens: int) -> list[str]:

@@ -24,11 +24,11 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fusellm.loss import fusion_loss_parts
+from fusellm.method.loss import fusion_loss_parts
 from fusellm.train.collator import collate
 from fusellm.train.config import TrainConfig
 from fusellm.train.engine import build_engine, init_distributed, micro_step
-from fusellm.train.synthetic import synthetic_records
+from fusellm.testing.synthetic import synthetic_records
 
 # Llama-shaped sizes; "1b" is TinyLlama-1.1B's shape with Llama-2's 32k vocabulary.
 SIZES = {

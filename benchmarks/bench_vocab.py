@@ -18,8 +18,8 @@ import time
 from _common import emit, load_tokenizer
 from rapidfuzz.distance import Levenshtein
 
-from fusellm.tokens import canonical_vocabulary
-from fusellm.vocab import build_vocab_map
+from fusellm.method.tokens import canonical_vocabulary
+from fusellm.method.vocab import build_vocab_map
 
 
 def published_seconds_per_token(source, target, sample: int) -> tuple[float, int]:
@@ -43,7 +43,7 @@ def synthetic_150k(base):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from fusellm.tokens import _byte_decoder
+    from fusellm.method.tokens import _byte_decoder
 
     to_char = {b: c for c, b in _byte_decoder().items()}
     seen, entries = set(), []

@@ -17,10 +17,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fusellm.corpus import CorpusRef
-from fusellm.sources import ModelRef
+from fusellm.io.corpus import CorpusRef
+from fusellm.io.sources import ModelRef
 from fusellm.train.config import TrainConfig
-from fusellm.uris import LocalURI, parse_uri
+from fusellm.io.uris import LocalURI, parse_uri
 
 
 class FusionConfigError(ValueError):

@@ -52,7 +52,7 @@ TAG_ROLE = "fusellm.role"
 TAG_METRIC = "fusellm.primary_metric"
 TAG_METRIC_VALUE = "fusellm.primary_metric.value"
 TAG_LOWER_IS_BETTER = "fusellm.lower_is_better"
-TAG_SOURCES = "fusellm.sources"
+TAG_SOURCES = "fusellm.io.sources"
 TAG_FUSED = "fusellm.fused"
 TAG_SOURCE_SCORE = "fusellm.source_score.{}"
 

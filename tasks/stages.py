@@ -22,7 +22,7 @@ from prefect.tasks import exponential_backoff
 from fusellm import pipeline
 from fusellm.config import FusionConfig
 from fusellm.pipeline import Artifact, ModelFiles
-from fusellm.sources import ModelRef
+from fusellm.io.sources import ModelRef
 
 NETWORK_RETRIES = 3
 NETWORK_BACKOFF = exponential_backoff(backoff_factor=5)  # 5, 10, 20 s (with jitter)

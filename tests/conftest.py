@@ -92,7 +92,7 @@ def small_corpus(english_texts, code_texts):
 @pytest.fixture(scope="session")
 def tiny_tokenizers(small_corpus):
     """Locally trained tokenizers of the three families."""
-    from fusellm.tiny import train_tokenizer
+    from fusellm.testing.tiny import train_tokenizer
 
     return {
         "spm": train_tokenizer(small_corpus, "spm", 600),

@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 
 EVAL_DATA = Path(__file__).parent / "data" / "eval"
 WORDS = (

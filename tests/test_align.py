@@ -5,7 +5,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fusellm.align import align_positions, pair_ends, token_end_chars
+from fusellm.method.align import align_positions, pair_ends, token_end_chars
 
 PAIRS = [(a, b) for a in ("llama-spm", "mpt", "gpt-2") for b in ("llama-spm", "mpt", "gpt-2") if a != b]
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from rapidfuzz.distance import Levenshtein
 from transformers import AutoTokenizer
 
-from fusellm.align_dtw import (
+from fusellm.method.align_dtw import (
     MARKER,
     dtw_cost_matrix,
     dtw_pairs,
@@ -21,7 +21,7 @@ from fusellm.align_dtw import (
     published_token_strings,
     word_markers,
 )
-from fusellm.tiny import train_tokenizer
+from fusellm.testing.tiny import train_tokenizer
 
 TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 

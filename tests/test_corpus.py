@@ -13,14 +13,14 @@ import pytest
 
 from pydantic import ValidationError
 
-from fusellm.corpus import (
+from fusellm.io.corpus import (
     CorpusError,
     CorpusRef,
     check_corpus,
     corpus_fingerprint,
     iter_documents,
 )
-from fusellm.sources import SourceError, upload_dir
+from fusellm.io.sources import SourceError, upload_dir
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 

@@ -18,7 +18,7 @@ from fusellm.demo.sources import (
     SourceRecipe,
     build_sources,
 )
-from fusellm.tiny import tiny_model, train_tokenizer
+from fusellm.testing.tiny import tiny_model, train_tokenizer
 
 # --- data ---------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from fusellm.evaluate import SuiteResult, run_suite
 from fusellm.evaluate.multiple import available_languages
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 
 DATA = Path(__file__).parent / "data" / "eval"
 LIMIT = 2

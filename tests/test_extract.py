@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-import fusellm.extract as extract_module
-from fusellm.extract import extract_topk
-from fusellm.fingerprint import model_fingerprint, tokenizer_fingerprint
-from fusellm.store import StoreError, open_topk
-from fusellm.tiny import tiny_model
+import fusellm.data.extract as extract_module
+from fusellm.data.extract import extract_topk
+from fusellm.io.fingerprint import model_fingerprint, tokenizer_fingerprint
+from fusellm.data.store import StoreError, open_topk
+from fusellm.testing.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 import numpy as np
 import pytest
 
-from fusellm.extract import extract_topk
-from fusellm.fuse import avg_ce, merge_topk, min_ce, one_hot_topk, transfer
-from fusellm.fused_data import SourceData, build_fused_store
-from fusellm.store import StoreError, open_topk
-from fusellm.tiny import tiny_model
-from fusellm.vocab import build_vocab_map
+from fusellm.data.extract import extract_topk
+from fusellm.method.fuse import avg_ce, merge_topk, min_ce, one_hot_topk, transfer
+from fusellm.data.fused_data import SourceData, build_fused_store
+from fusellm.data.store import StoreError, open_topk
+from fusellm.testing.tiny import tiny_model
+from fusellm.method.vocab import build_vocab_map
 
 NEG = -np.inf
 

@@ -149,7 +149,7 @@ def servers(tmp_path_factory, s3_endpoint):  # noqa: F811
 def s3_fusion(servers):
     """Tiny models and corpus uploaded to S3; the config names only s3:// URIs."""
     from fusellm.config import parse_fusion_config
-    from fusellm.sources import upload_dir
+    from fusellm.io.sources import upload_dir
 
     root, bucket = servers["root"], servers["bucket"]
     # The held-out texts of the `local` suite are in the corpus: a few training steps then make

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fusellm.loss import fusion_loss, fusion_loss_parts
+from fusellm.method.loss import fusion_loss, fusion_loss_parts
 
 
 def dense_reference(logits, labels, ids, logprobs, lam, temperature):
@@ -73,7 +73,7 @@ def test_clm_baseline_needs_no_topk_and_matches_cross_entropy():
 
 
 def test_chunked_rows_and_bf16():
-    import fusellm.loss as loss_module
+    import fusellm.method.loss as loss_module
 
     logits, labels, ids, logprobs = make_batch(B=4, L=33, V=50, k=5, dtype=torch.float32)
     full = fusion_loss(logits, labels, ids, logprobs)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from fusellm.pieces import make_pieces, split_texts
+from fusellm.data.pieces import make_pieces, split_texts
 
 TOKENIZERS = Path("/work/shared/tokenizers")
 NAMES = ("llama-spm", "mpt", "gpt-2")
@@ -192,7 +192,7 @@ def test_recut_when_context_changes_tokenization(tokenizers):
 
 
 def test_empty_texts_dropped_and_counted(tokenizers, caplog):
-    caplog.set_level(logging.INFO, logger="fusellm.pieces")
+    caplog.set_level(logging.INFO, logger="fusellm.data.pieces")
     result = split_texts(["", "  \n\t ", "real text", "\u3000"], tokenizers, progress=False)
     assert result.pieces == ["real text"]
     assert (result.texts, result.dropped_empty) == (4, 3)
@@ -218,7 +218,7 @@ def test_bad_arguments(tokenizers):
 
 def test_locally_trained_tokenizer_families():
     """WordPiece drops whitespace (no token covers it) and NFC-normalises: offsets still cut right."""
-    from fusellm.tiny import train_tokenizer
+    from fusellm.testing.tiny import train_tokenizer
 
     corpus = [_long_text(3000, seed) for seed in range(4)]
     toks = [

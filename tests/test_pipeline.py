@@ -11,7 +11,7 @@ import pytest
 
 from fusellm import pipeline
 from fusellm.config import parse_fusion_config
-from fusellm.store import open_topk
+from fusellm.data.store import open_topk
 from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
 
 

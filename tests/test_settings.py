@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from fusellm import settings
 from fusellm.cli import app
 from fusellm.settings import ServerCommand
-from fusellm.ui_cli import start_servers, stop_servers, wait_servers
+from fusellm.cli.ui import start_servers, stop_servers, wait_servers
 
 ALL_KEYS = [
     "PREFECT_HOME",

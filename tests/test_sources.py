@@ -16,8 +16,8 @@ import torch
 from pydantic import ValidationError
 from s3server import DUMMY_ENV, s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
-from fusellm import s3 as s3_module
-from fusellm.s3 import (
+from fusellm.io import s3 as s3_module
+from fusellm.io.s3 import (
     FETCH_STATE,
     MANIFEST,
     S3Object,
@@ -27,7 +27,7 @@ from fusellm.s3 import (
     upload_dir,
     verify_object,
 )
-from fusellm.sources import (
+from fusellm.io.sources import (
     ModelRef,
     fetch,
     load_model,
@@ -35,8 +35,8 @@ from fusellm.sources import (
     local_identity,
     resolve,
 )
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
-from fusellm.uris import S3URI, HubURI, LocalURI, SourceError, parse_uri
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.io.uris import S3URI, HubURI, LocalURI, SourceError, parse_uri
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20 + ["def f(x):\n    return x + 1"] * 20

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fusellm.store import (
+from fusellm.data.store import (
     StoreError,
     concat_stores,
     TopkRecord,

@@ -1,4 +1,4 @@
-from fusellm.tokens import canonical_vocabulary, decoder_spec
+from fusellm.method.tokens import canonical_vocabulary, decoder_spec
 
 
 def canon(tokenizer, token):

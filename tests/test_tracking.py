@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusellm import tracking
 from fusellm.settings import sqlite_uri
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.tracking import (
     TrackingError,
     champion_decision,

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fusellm.cli import app
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.config import TrainConfig, TrainConfigError, load_config, parse_config
 from fusellm.train.data import open_training_data
-from fusellm.train.synthetic import synthetic_store
+from fusellm.testing.synthetic import synthetic_store
 
 WORDS = [
     "the",

@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fusellm.loss import fusion_loss_parts
-from fusellm.store import open_topk
-from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+from fusellm.method.loss import fusion_loss_parts
+from fusellm.data.store import open_topk
+from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.collator import collate
-from fusellm.train.synthetic import synthetic_store
+from fusellm.testing.synthetic import synthetic_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 from rapidfuzz.distance import Levenshtein
 
-from fusellm.tokens import canonical_vocabulary
-from fusellm.vocab import VocabMap, build_vocab_map, vocab_map_key
+from fusellm.method.tokens import canonical_vocabulary
+from fusellm.method.vocab import VocabMap, build_vocab_map, vocab_map_key
 
 
 @pytest.fixture(scope="module")

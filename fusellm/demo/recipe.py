@@ -130,12 +130,12 @@ def run_recipe(
 
     from fusellm.demo.heldout import bits_per_byte_table
     from fusellm.demo.sources import build_sources
-    from fusellm.extract import extract_topk
-    from fusellm.fused_data import SourceData, build_fused_store
-    from fusellm.pieces import make_pieces
-    from fusellm.store import open_topk
+    from fusellm.data.extract import extract_topk
+    from fusellm.data.fused_data import SourceData, build_fused_store
+    from fusellm.data.pieces import make_pieces
+    from fusellm.data.store import open_topk
     from fusellm.train import train
-    from fusellm.vocab import build_vocab_map
+    from fusellm.method.vocab import build_vocab_map
 
     torch.set_num_threads(2)
     out = Path(out)

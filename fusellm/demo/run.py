@@ -28,7 +28,7 @@ import typer
 import yaml
 
 from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE, DemoRecipe
-from fusellm.files import write_text_atomic
+from fusellm.io.files import write_text_atomic
 
 MC_PER_DOMAIN = 40  # multiple-choice questions per domain
 MC_CHOICES = 4

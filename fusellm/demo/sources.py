@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
 from fusellm.demo.data import DOMAINS, DataConfig, load_split
-from fusellm.fingerprint import sha256_json, sha256_texts
+from fusellm.io.fingerprint import sha256_json, sha256_texts
 
 # Bump when the build below changes in a way the recipe does not show (invalidates caches).
 BUILD_VERSION = 1
@@ -235,7 +235,7 @@ def build_source(
     progress: bool = True,
 ) -> dict:
     """Train a tokenizer and a model for `source` on `train` texts and save both to `out`."""
-    from fusellm.tiny import save_tiny, tiny_model, train_tokenizer
+    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 
     started = time.perf_counter()
     domains = [d for d in sorted(source.mix) if source.mix[d] > 0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusellm.evaluate.results import SuiteResult
-from fusellm.files import write_text_atomic
+from fusellm.io.files import write_text_atomic
 
 PERCENT_METRICS = {"acc", "acc_norm", "exact_match", "pass@1"}
 AVERAGE = "Average"

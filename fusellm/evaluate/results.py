@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fusellm.files import write_text_atomic
+from fusellm.io.files import write_text_atomic
 
 
 @dataclass

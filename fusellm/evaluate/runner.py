@@ -18,7 +18,7 @@ import yaml
 from fusellm.evaluate.data import DataConfig, offline_if
 from fusellm.evaluate.results import SuiteResult, parse_lm_eval
 from fusellm.evaluate.suites import resolve
-from fusellm.files import write_text_atomic
+from fusellm.io.files import write_text_atomic
 
 
 def _model_folder(path: Path) -> Path:

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from fusellm.fingerprint import sha256_json
-from fusellm.sources import ModelRef, write_json_atomic
+from fusellm.io.fingerprint import sha256_json
+from fusellm.io.sources import ModelRef, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class ModelFiles:
 
 
 def tokenizer_of(model: ModelFiles):
-    from fusellm.sources import load_tokenizer
+    from fusellm.io.sources import load_tokenizer
 
     return load_tokenizer(model.path, model.ref)
 

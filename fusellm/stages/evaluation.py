@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.sources import local_identity
+from fusellm.io.sources import local_identity
 from fusellm.stages.base import Artifact, StageError, build_stage, device_for, stage_key
 
 

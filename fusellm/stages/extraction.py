@@ -41,8 +41,8 @@ def extract_shard(
     progress: bool = True,
 ) -> Artifact:
     """Top-k distributions of one model over one shard of the pieces (one unit of parallel work)."""
-    from fusellm.extract import extract_topk
-    from fusellm.sources import load_model
+    from fusellm.data.extract import extract_topk
+    from fusellm.io.sources import load_model
 
     e = config.extraction
 
@@ -76,7 +76,7 @@ def extract_shard(
 
 def merge_stores(shards: list[Artifact], pieces: Artifact, workdir: Path) -> Artifact:
     """One store over all pieces from per-shard stores: shard files are hard-linked, not copied."""
-    from fusellm.store import StoreError, concat_stores
+    from fusellm.data.store import StoreError, concat_stores
 
     def build(folder: Path) -> dict:
         try:

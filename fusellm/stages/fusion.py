@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusellm.config import FusionOptions
-from fusellm.sources import write_json_atomic
+from fusellm.io.sources import write_json_atomic
 from fusellm.stages.base import Artifact, ModelFiles, build_stage, stage_key, tokenizer_of
 from fusellm.stages.prepare import read_pieces
 
@@ -14,7 +14,7 @@ def vocab_map(
     source: ModelFiles, target: ModelFiles, workdir: Path, *, progress: bool = True
 ) -> Artifact:
     """The source -> target vocabulary map (MinED) and its statistics."""
-    from fusellm.vocab import build_vocab_map
+    from fusellm.method.vocab import build_vocab_map
 
     def build(folder: Path) -> dict:
         vmap = build_vocab_map(tokenizer_of(source), tokenizer_of(target), progress=progress)
@@ -42,9 +42,9 @@ def fuse_data(
 
     `sources`: (model, merged store, vocabulary map) per source.
     """
-    from fusellm.fused_data import SourceData, build_fused_store
-    from fusellm.store import open_topk
-    from fusellm.vocab import VocabMap
+    from fusellm.data.fused_data import SourceData, build_fused_store
+    from fusellm.data.store import open_topk
+    from fusellm.method.vocab import VocabMap
 
     def build(folder: Path) -> dict:
         data = [

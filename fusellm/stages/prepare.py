@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 from fusellm.config import ExtractionConfig, FusionConfig
-from fusellm.fingerprint import sha256_texts, tokenizer_fingerprint
-from fusellm.sources import ModelRef
+from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
+from fusellm.io.sources import ModelRef
 from fusellm.stages.base import (
     Artifact,
     ModelFiles,
@@ -22,8 +22,8 @@ PIECES_FILE = "pieces.jsonl"
 
 def resolve_identities(config: FusionConfig) -> dict[str, str]:
     """Current content identities of the target, every source and the corpus (no downloads)."""
-    from fusellm.corpus import corpus_fingerprint
-    from fusellm.sources import resolve
+    from fusellm.io.corpus import corpus_fingerprint
+    from fusellm.io.sources import resolve
 
     out = {"target": resolve(config.target).identity}
     for name, ref in zip(config.source_names, config.sources):
@@ -34,7 +34,7 @@ def resolve_identities(config: FusionConfig) -> dict[str, str]:
 
 def fetch_model(name: str, ref: ModelRef, identity: str, workdir: Path) -> ModelFiles:
     """Bring a model's files into the local cache and fingerprint its tokenizer."""
-    from fusellm.sources import fetch, load_tokenizer
+    from fusellm.io.sources import fetch, load_tokenizer
 
     path = Path(fetch(ref, Path(workdir) / "cache"))
     tokenizer = load_tokenizer(path, ref)
@@ -60,8 +60,8 @@ def make_pieces(
     progress: bool = True,
 ) -> Artifact:
     """Cut the corpus into pieces every model's tokenizer fits in the block (DESIGN.md §2.1)."""
-    from fusellm.corpus import check_corpus, iter_documents
-    from fusellm.pieces import split_texts
+    from fusellm.io.corpus import check_corpus, iter_documents
+    from fusellm.data.pieces import split_texts
 
     def build(folder: Path) -> dict:
         cache = Path(workdir) / "cache"

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.fingerprint import sha256_json
-from fusellm.sources import write_json_atomic
+from fusellm.io.fingerprint import sha256_json
+from fusellm.io.sources import write_json_atomic
 from fusellm.stages.base import Artifact, build_stage, stage_key
 
 

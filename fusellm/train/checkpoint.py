@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fusellm.files import write_text_atomic
+from fusellm.io.files import write_text_atomic
 
 TAG = "ds"
 LATEST = "latest"

@@ -3,7 +3,7 @@
 The published collator built a dense [batch, length, vocab] target per source with Python
 loops over tokens (~130 MB per sample at V = 32k). Here a batch is padded once with one boolean
 mask assignment per array; the fused distribution stays [batch, length, k] (ids + log-probs),
-and the loss gathers the student's logits at those ids (`fusellm.loss`).
+and the loss gathers the student's logits at those ids (`fusellm.method.loss`).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fusellm.loss import IGNORE_INDEX
-from fusellm.store import TopkRecord
+from fusellm.method.loss import IGNORE_INDEX
+from fusellm.data.store import TopkRecord
 
 
 def _pad(arrays: list[np.ndarray], mask: np.ndarray, fill, dtype) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The fused training data: checks before training, and a data order that resumes exactly.
 
-The data is a top-k store in the target's vocabulary (`fusellm.store`): record i is one text
+The data is a top-k store in the target's vocabulary (`fusellm.data.store`): record i is one text
 piece, its token ids and the fused next-token distribution at each position. Its order is a
 pure function of (seed, epoch, step): a seeded permutation per epoch, cut into global batches,
 each cut into per-rank micro batches. Resuming at step s therefore needs nothing but s, and the
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fusellm.fingerprint import tokenizer_fingerprint
-from fusellm.store import MANIFEST, TopkStore, open_topk
+from fusellm.io.fingerprint import tokenizer_fingerprint
+from fusellm.data.store import MANIFEST, TopkStore, open_topk
 from fusellm.train.config import TrainConfig, TrainConfigError
 
 

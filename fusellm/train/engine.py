@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fusellm.loss import fusion_loss_parts
+from fusellm.method.loss import fusion_loss_parts
 from fusellm.train.card import model_card
 from fusellm.train.checkpoint import (
     latest_checkpoint,

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusellm.fingerprint import model_fingerprint, sha256_texts, tokenizer_fingerprint
-from fusellm.store import TopkRecord, TopkWriter
+from fusellm.io.fingerprint import model_fingerprint, sha256_texts, tokenizer_fingerprint
+from fusellm.data.store import TopkRecord, TopkWriter
 
 _POSITION_CHUNK = 1024  # positions per log-softmax chunk: bounds the float32 copy of the logits
 
@@ -45,7 +45,7 @@ def _encode(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]
         if len(ids) > max_length:
             raise ValueError(
                 f"piece {i} has {len(ids)} tokens with EOS, more than max_length={max_length}; "
-                "split the corpus with fusellm.pieces.make_pieces"
+                "split the corpus with fusellm.data.pieces.make_pieces"
             )
         encoded.append(ids)
     return encoded

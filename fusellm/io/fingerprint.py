@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from fusellm.files import sha256_file  # noqa: F401  (re-exported)
+from fusellm.io.files import sha256_file  # noqa: F401  (re-exported)
 
 # Config keys that describe where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {

@@ -9,13 +9,13 @@ Formats, by file suffix (a folder may mix them, and nest them):
 
 * ``.txt``: one document per file. Text files usually hold whole documents (a book, an article,
   a source file) whose blank lines are paragraph breaks, not document breaks; splitting there
-  would cut context the models should see. Long documents are cut later, by `fusellm.pieces`.
+  would cut context the models should see. Long documents are cut later, by `fusellm.data.pieces`.
 * ``.jsonl``: one JSON object per line, the document in ``text_field``; blank lines are skipped.
 * ``.parquet``: the ``text_field`` column, read in record batches with pyarrow.
 * a folder written by ``datasets.save_to_disk`` (``state.json`` or ``dataset_dict.json`` inside).
 * ``hf://datasets/org/name[@revision]``: ``datasets.load_dataset`` with its own cache; offline mode
   (``HF_HUB_OFFLINE``) works from that cache.
-* ``s3://bucket/key-or-prefix``: mirrored with `fusellm.s3.fetch_s3`, then read as above.
+* ``s3://bucket/key-or-prefix``: mirrored with `fusellm.io.s3.fetch_s3`, then read as above.
 
 Malformed input is reported with the file, the line or row, and the field.
 """
@@ -30,10 +30,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusellm.hub import hub_commit, hub_offline
-from fusellm.s3 import FETCH_STATE, MANIFEST, fetch_s3, list_s3, listing_hash, s3_cache_folder
-from fusellm.sources import local_identity
-from fusellm.uris import S3URI, HubURI, SourceError, check_endpoint, parse_uri
+from fusellm.io.hub import hub_commit, hub_offline
+from fusellm.io.s3 import FETCH_STATE, MANIFEST, fetch_s3, list_s3, listing_hash, s3_cache_folder
+from fusellm.io.sources import local_identity
+from fusellm.io.uris import S3URI, HubURI, SourceError, check_endpoint, parse_uri
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 

@@ -39,7 +39,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fusellm.files import sha256_file, write_json_atomic
+from fusellm.io.files import sha256_file, write_json_atomic
 
 FORMAT = "fusellm-topk"
 VERSION = 1

@@ -36,8 +36,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from fusellm.hub import fetch_hub, hub_commit
-from fusellm.s3 import (  # noqa: F401  (write_json_atomic: used by the stages)
+from fusellm.io.hub import fetch_hub, hub_commit
+from fusellm.io.s3 import (  # noqa: F401  (write_json_atomic: used by the stages)
     FETCH_STATE,
     fetch_s3,
     file_sha256,
@@ -47,7 +47,7 @@ from fusellm.s3 import (  # noqa: F401  (write_json_atomic: used by the stages)
     upload_dir,
     write_json_atomic,
 )
-from fusellm.uris import S3URI, URI, HubURI, SourceError, check_endpoint, parse_uri
+from fusellm.io.uris import S3URI, URI, HubURI, SourceError, check_endpoint, parse_uri
 
 log = logging.getLogger(__name__)
 

@@ -6,9 +6,9 @@ import typer
 
 from fusellm.demo.run import demo_command
 from fusellm.evaluate.cli import eval_command
-from fusellm.run_cli import run_command
+from fusellm.cli.run import run_command
 from fusellm.train.cli import train_command
-from fusellm.ui_cli import ui_command
+from fusellm.cli.ui import ui_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

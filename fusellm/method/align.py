@@ -121,7 +121,7 @@ def align_positions(
     Both sides are tokenized with `add_special_tokens=False`. `target_ids` / `source_ids`, when
     given, are checked against that tokenization. `method="dtw"` runs the published DTW pairing
     (quadratic; for comparison only); `dtw_options` (`match`, `vocab_map`) go to
-    `fusellm.align_dtw.dtw_pairs`.
+    `fusellm.method.align_dtw.dtw_pairs`.
     """
     t_ids, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_ids)
     s_ids, s_ends = token_end_chars(text, source_tokenizer, role="source", ids=source_ids)
@@ -130,7 +130,7 @@ def align_positions(
             raise TypeError(f"options {sorted(dtw_options)} only apply to method='dtw'")
         return pair_ends(t_ends, s_ends)
     if method == "dtw":
-        from fusellm.align_dtw import dtw_pairs, published_token_strings
+        from fusellm.method.align_dtw import dtw_pairs, published_token_strings
 
         return dtw_pairs(
             published_token_strings(t_ids, target_tokenizer),

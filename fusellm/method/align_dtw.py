@@ -4,7 +4,7 @@ FuseLLM's reference code pairs each target ("base") token with source ("blending
 dynamic time warping over the two token-string sequences, with the edit distance between marker-free
 token strings as the cell cost: `dtw` and `transform_step_logits` in `FuseLLM/src/utils/others.py`
 of https://github.com/fanqiwan/FuseLLM (driven by `FuseLLM/src/utils/token_alignment.py`). This
-module is an independent re-implementation of that rule, so that `fusellm.align` can offer it as
+module is an independent re-implementation of that rule, so that `fusellm.method.align` can offer it as
 `method="dtw"` and the benchmarks can measure it against our character-offset alignment.
 
 It is the baseline, so it is deliberately kept as published: a pure Python double loop over an
@@ -12,7 +12,7 @@ It is the baseline, so it is deliberately kept as published: a pure Python doubl
 Time is O(n * m * L^2) for tokens of at most L characters and memory O(n * m): about 4 M cells
 and several seconds for one 2048-token pair on one core (`benchmarks/bench_align.py`). Nothing in
 it looks at character offsets, which is why it can pair a target token with a source token whose
-context ends at another character (the reported off-by-one); `fusellm.align` aligns on offsets.
+context ends at another character (the reported off-by-one); `fusellm.method.align` aligns on offsets.
 """
 
 from __future__ import annotations

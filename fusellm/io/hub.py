@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from fusellm.uris import HubURI, SourceError
+from fusellm.io.uris import HubURI, SourceError
 
 log = logging.getLogger(__name__)
 

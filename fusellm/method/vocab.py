@@ -1,6 +1,6 @@
 """Map a source vocabulary onto a target vocabulary (DESIGN.md §2.3).
 
-Every source id gets the target id with the same canonical string (see `fusellm.tokens`) or,
+Every source id gets the target id with the same canonical string (see `fusellm.method.tokens`) or,
 failing that, the target token at the *minimum* Levenshtein distance ("MinED"). Special and
 control tokens are not mapped by string: they map by role (the source's EOS to the target's EOS,
 and so on) or not at all.
@@ -27,8 +27,8 @@ from rapidfuzz.distance import Levenshtein
 from rapidfuzz.process import cdist
 from tqdm.auto import tqdm
 
-from fusellm.fingerprint import sha256_json, tokenizer_fingerprint
-from fusellm.tokens import canonical_vocabulary
+from fusellm.io.fingerprint import sha256_json, tokenizer_fingerprint
+from fusellm.method.tokens import canonical_vocabulary
 
 ALGORITHM = "exact+mined-v1"
 UNMAPPED = -1

@@ -5,7 +5,7 @@ and vocabulary map. For every piece: align each source to the target (character 
 its top-k into the target's positions and vocabulary, then fuse the candidates (the target's own
 distribution first, then the sources) with MinCE or AvgCE, per sequence or per token.
 
-The output is itself a top-k store in the target vocabulary (`fusellm.store`), which the trainer
+The output is itself a top-k store in the target vocabulary (`fusellm.data.store`), which the trainer
 reads. Per source we record aligned coverage, exact-map rate and MinCE win rate.
 
 Sequence CE can be compared per token (the paper) or per byte (`ce_unit="byte"`, the default):
@@ -22,11 +22,11 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusellm.align import pair_ends, token_end_chars
-from fusellm.fingerprint import sha256_texts, tokenizer_fingerprint
-from fusellm.fuse import fuse, transfer
-from fusellm.store import StoreError, TopkRecord, TopkStore, TopkWriter
-from fusellm.vocab import VocabMap
+from fusellm.method.align import pair_ends, token_end_chars
+from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
+from fusellm.method.fuse import fuse, transfer
+from fusellm.data.store import StoreError, TopkRecord, TopkStore, TopkWriter
+from fusellm.method.vocab import VocabMap
 
 FUSIONS = ("min_ce", "avg_ce")
 GRANULARITIES = ("sequence", "token")
@@ -82,7 +82,7 @@ def _align(text, target_tokenizer, t_ends, source, record, alignment):
     """Source position per target text position: offsets (ours) or the published DTW."""
     ids = record.input_ids[:-1]
     if alignment == "dtw":
-        from fusellm.align import align_positions
+        from fusellm.method.align import align_positions
 
         return align_positions(text, target_tokenizer, source.tokenizer, method="dtw", source_ids=ids)
     _, s_ends = token_end_chars(text, source.tokenizer, role=f"source '{source.name}'", ids=ids)

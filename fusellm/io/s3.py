@@ -20,9 +20,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fusellm.files import sha256_file as file_sha256
-from fusellm.files import write_json_atomic
-from fusellm.uris import S3URI, SourceError, parse_uri
+from fusellm.io.files import sha256_file as file_sha256
+from fusellm.io.files import write_json_atomic
+from fusellm.io.uris import S3URI, SourceError, parse_uri
 
 log = logging.getLogger(__name__)
 
