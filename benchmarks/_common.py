@@ -1,16 +1,15 @@
-"""Helpers shared by the benchmarks: real tokenizers and real text that ships with Python."""
+"""Common helpers of the benchmarks: real tokenizers and real text that ships with Python."""
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sysconfig
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZERS = Path(os.environ.get("FUSELLM_SHARED_DIR", ROOT.parent / "shared")) / "tokenizers"
+TOKENIZERS = ROOT / "tests" / "data" / "tokenizers"
 
 
 def load_tokenizer(name: str):

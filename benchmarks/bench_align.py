@@ -1,6 +1,6 @@
 """Token alignment: our character-offset pairing vs the published DTW pairing, on real vocabularies.
 
-Target Llama-2 (SentencePiece, 32k), source MPT-7B (byte-level BPE, 50k), from ../shared/tokenizers.
+Target Llama-2 (SentencePiece, 32k), source MPT-7B (byte-level BPE, 50k), in tests/data/tokenizers.
 Texts are real English prose (the pydoc topics that ship with Python) and real code (standard
 library sources), cut to 256 ... 2048 target tokens. For each text we time
 
@@ -42,7 +42,7 @@ from transformers import AutoTokenizer
 from fusellm.method.align import align_positions, token_end_chars
 from fusellm.method.align_dtw import check_pairs, dtw_pairs, published_token_strings
 
-DEFAULT_TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
+DEFAULT_TOKENIZERS = Path(__file__).resolve().parents[1] / "tests" / "data" / "tokenizers"
 CODE_MODULES = ("textwrap", "functools", "json.decoder", "heapq", "string", "bisect", "argparse")
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real tokenizers in ../shared/tokenizers and small local corpora."""
+"""Common fixtures: the real tokenizers in tests/data/tokenizers and small local corpora."""
 
 from __future__ import annotations
 
@@ -44,14 +44,8 @@ def _isolated_process_state():
     os.environ.update(saved)
 
 
-def _shared_dir() -> Path:
-    """../shared next to the checkout (FUSELLM_SHARED_DIR overrides)."""
-    if "FUSELLM_SHARED_DIR" in os.environ:
-        return Path(os.environ["FUSELLM_SHARED_DIR"])
-    return Path(__file__).resolve().parents[1].parent / "shared"
-
-
-TOKENIZER_DIR = _shared_dir() / "tokenizers"
+# Real Llama-2, MPT and GPT-2 vocabularies, committed with the tests (see the README.md there).
+TOKENIZER_DIR = Path(__file__).resolve().parent / "data" / "tokenizers"
 
 
 @pytest.fixture(scope="session")

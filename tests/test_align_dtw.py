@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TOKENIZER_DIR as TOKENIZERS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rapidfuzz.distance import Levenshtein
@@ -22,8 +22,6 @@ from fusellm.method.align_dtw import (
     word_markers,
 )
 from fusellm.testing.tiny import train_tokenizer
-
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
 
 
 def context_ends(tokens: list[str]) -> list[int]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import logging
 import random
 
-from pathlib import Path
-
 import pytest
-
+from conftest import TOKENIZER_DIR as TOKENIZERS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from fusellm.data.pieces import make_pieces, split_texts
 
-TOKENIZERS = Path("/work/shared/tokenizers")
 NAMES = ("llama-spm", "mpt", "gpt-2")
 
 
