@@ -35,8 +35,8 @@ from fusellm.io.sources import (
     local_identity,
     resolve,
 )
+from fusellm.io.uris import S3URI, HubURI, LocalURI, SourceError, mask_credentials, parse_uri
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
-from fusellm.io.uris import S3URI, HubURI, LocalURI, SourceError, parse_uri
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 TEXTS = ["the quick brown fox jumps over the lazy dog"] * 20 + ["def f(x):\n    return x + 1"] * 20
@@ -92,6 +92,22 @@ def test_s3_credentials_in_uri_are_not_echoed():
     with pytest.raises(SourceError) as err:
         parse_uri("s3://AKIDEXAMPLE:wJalrXUtnFEMI@bucket/x")
     assert "wJalrXUtnFEMI" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, masked",
+    [
+        ("http://user:pw@127.0.0.1:9000/x", "http://user:***@127.0.0.1:9000/x"),
+        ("https://ghp_token@github.com/o/r", "https://***@github.com/o/r"),
+        ("http://u:p@ss@host/x", "http://u:***@host/x"),  # an "@" inside the password
+        ("at s3://k:s@b/x, http://u:p@h", "at s3://k:***@b/x, http://u:***@h"),  # messages
+        ("hf://gpt2@main", "hf://gpt2@main"),  # "@" starts a revision there
+        ("mail user@example.com", "mail user@example.com"),
+        (None, None),
+    ],
+)
+def test_mask_credentials(text, masked):
+    assert mask_credentials(text) == masked
 
 
 def test_model_ref_errors_name_the_field():

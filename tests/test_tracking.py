@@ -118,14 +118,16 @@ def test_parent_and_nested_runs_hold_params_tags_metrics_artifacts(store, tmp_pa
         "top_k": 10,
     }
     tags = {"fusellm.corpus_sha256": "ab" * 32, "fusellm.source.llama.revision": "r1"}
-    with fusion_run("fusion-1", params=params, tags=tags) as parent:
-        with stage_run("align", params={"method": "offsets"}) as child:
-            log_metrics({"coverage": 0.91, "exact_map_rate": 0.8}, prefix="align/llama")
-            for step, loss in enumerate([3.0, 2.5, 2.0]):
-                log_metrics({"loss": loss}, step=step, prefix="train")
-            log_artifact(report)
-            log_artifact(folder)
-            log_json({"exact": 12, "mined": 3}, "vocab/llama.json")
+    with (
+        fusion_run("fusion-1", params=params, tags=tags) as parent,
+        stage_run("align", params={"method": "offsets"}) as child,
+    ):
+        log_metrics({"coverage": 0.91, "exact_map_rate": 0.8}, prefix="align/llama")
+        for step, loss in enumerate([3.0, 2.5, 2.0]):
+            log_metrics({"loss": loss}, step=step, prefix="train")
+        log_artifact(report)
+        log_artifact(folder)
+        log_json({"exact": 12, "mined": 3}, "vocab/llama.json")
 
     client = MlflowClient()
     top = client.get_run(parent)
@@ -164,9 +166,11 @@ def test_secrets_never_reach_the_store(store, tmp_path):
         "s3": {"endpoint": f"http://user:{SECRET}@127.0.0.1:9000", "aws_secret_access_key": SECRET},
         "api_key": SECRET,
     }
-    with fusion_run("f", params=params, tags={"auth_token": SECRET, "ok": "yes"}) as parent:
-        with stage_run("s", params={"password": SECRET}, tags={"credential": SECRET}):
-            pass
+    with (
+        fusion_run("f", params=params, tags={"auth_token": SECRET, "ok": "yes"}) as parent,
+        stage_run("s", params={"password": SECRET}, tags={"credential": SECRET}),
+    ):
+        pass
     run = MlflowClient().get_run(parent)
     assert run.data.params["s3.endpoint"] == "http://user:***@127.0.0.1:9000"
     assert run.data.params["sources.0.name"] == "a"
@@ -254,7 +258,7 @@ def test_registry_lower_is_better(store, tiny_dir):
     version = MlflowClient().get_model_version(name, "3")
     assert version.tags[tracking.TAG_METRIC] == "bpb"
     assert float(version.tags[tracking.TAG_METRIC_VALUE]) == 1.0
-    assert version.tags[tracking.TAG_SOURCES] == "llama,mpt"
+    assert version.tags["fusellm.sources"] == "llama,mpt"  # a name queries rely on
     assert float(version.tags["fusellm.source_score.mpt"]) == 1.5
 
 
@@ -353,16 +357,16 @@ def mlflow_server(tmp_path, monkeypatch):
         "MLFLOW_DISABLE_TELEMETRY": "true",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
-            "--artifacts-destination", str(artifacts),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+    with open(tmp_path / "server.log", "wb") as log:  # the server keeps its own handle
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "mlflow", "server",
+                "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
+                "--artifacts-destination", str(artifacts),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            ],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -389,20 +393,21 @@ def mlflow_server(tmp_path, monkeypatch):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        log.close()
 
 
 @pytest.mark.slow
 def test_register_through_a_real_server(mlflow_server, tiny_dir, tmp_path):
     url, artifacts = mlflow_server
-    with fusion_run("served", params={"training": {"lam": 0.9}, "token": SECRET}) as parent:
-        with stage_run("register"):
-            log_metrics({"bpb": 1.1}, prefix="eval")
-            result = log_and_register_model(
-                tiny_dir, registered_name="fused-served", primary_metric="bpb",
-                scores={"fused": 1.1, "llama": 1.4}, fused="fused", sources=["llama"],
-                lower_is_better=True,
-            )  # fmt: skip
+    with (
+        fusion_run("served", params={"training": {"lam": 0.9}, "token": SECRET}) as parent,
+        stage_run("register"),
+    ):
+        log_metrics({"bpb": 1.1}, prefix="eval")
+        result = log_and_register_model(
+            tiny_dir, registered_name="fused-served", primary_metric="bpb",
+            scores={"fused": 1.1, "llama": 1.4}, fused="fused", sources=["llama"],
+            lower_is_better=True,
+        )  # fmt: skip
     assert result.is_champion
     client = MlflowClient(tracking_uri=url)
     assert (

@@ -11,8 +11,6 @@ import json
 
 import torch
 
-from fusellm.io.files import sha256_file  # noqa: F401  (re-exported)
-
 # Config keys that describe where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -50,9 +48,7 @@ def model_fingerprint(model) -> str:
     Hashing every weight of a 7B model would cost a full pass over 14 GB; a fixed sample of each
     tensor (plus names, shapes and dtypes) still changes whenever training touched the weights.
     """
-    config = {
-        k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS
-    }
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(sha256_json(config).encode())
     with torch.no_grad():
         for name, tensor in sorted(model.state_dict().items()):

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from fusellm.io.files import sha256_file as file_sha256
-from fusellm.io.files import write_json_atomic
-from fusellm.io.uris import S3URI, SourceError, parse_uri
+from fusellm.io.files import sha256_file, write_json_atomic
+from fusellm.io.uris import S3URI, SourceError, mask_credentials, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +103,7 @@ def _s3_error(err, what: str) -> SourceError:
         )
     error = getattr(err, "response", {}).get("Error", {})
     detail = f"{error.get('Code', '')}: {error.get('Message', '')}" if error else str(err)
-    detail = re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", detail)
+    detail = mask_credentials(detail)
     return SourceError(f"{what}: S3 error {detail} ({type(err).__name__})")
 
 
@@ -436,7 +435,7 @@ def upload_dir(
         client.delete_object(Bucket=uri.bucket, Key=prefix + MANIFEST)
         for path in files:
             name = path.relative_to(local_dir).as_posix()
-            sha = file_sha256(path)
+            sha = sha256_file(path)
             client.upload_file(
                 str(path), uri.bucket, prefix + name, Config=config, Callback=bar.update
             )
@@ -455,4 +454,3 @@ def upload_dir(
     finally:
         bar.close()
     return manifest
-

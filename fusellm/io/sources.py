@@ -36,16 +36,18 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from fusellm.io.files import (
+    sha256_file,
+    write_json_atomic,  # noqa: F401  (old home, kept for callers; fusellm.io.files owns it)
+)
 from fusellm.io.hub import fetch_hub, hub_commit
-from fusellm.io.s3 import (  # noqa: F401  (write_json_atomic: used by the stages)
+from fusellm.io.s3 import (
     FETCH_STATE,
     fetch_s3,
-    file_sha256,
     list_s3,
     listing_hash,
     s3_cache_folder,
-    upload_dir,
-    write_json_atomic,
+    upload_dir,  # noqa: F401  (re-exported: publishing is part of sources)
 )
 from fusellm.io.uris import S3URI, URI, HubURI, SourceError, check_endpoint, parse_uri
 
@@ -154,7 +156,7 @@ def local_identity(path: str | Path, small: int = SMALL_FILE) -> str:
             continue
         h.update(f"{name}\0{st.st_size}\0".encode())
         if st.st_size < small:
-            h.update(file_sha256(f).encode())
+            h.update(sha256_file(f).encode())
         else:
             h.update(str(st.st_mtime_ns).encode())
         h.update(b"\n")

@@ -1,7 +1,7 @@
 """Source URIs: `hf://org/name@revision`, `s3://bucket/prefix`, local paths (and `file://`).
 
-Parsing only; credentials never belong in a URI: `check_endpoint` refuses user info and `redact`
-masks it before a URL reaches a log or an error message.
+Parsing only; credentials never belong in a URI: `check_endpoint` refuses user info and
+`mask_credentials` masks it before a URL reaches a log or an error message.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -102,7 +102,7 @@ def _parse_s3(uri: str) -> S3URI:
     bucket, _, key = body.partition("/")
     if "@" in bucket or ":" in bucket:
         raise SourceError(
-            f"{redact(uri)!r}: credentials or ports do not belong in an S3 URI; set "
+            f"{mask_credentials(uri)!r}: credentials or ports do not belong in an S3 URI; set "
             "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the endpoint URL instead"
         )
     if not _BUCKET.match(bucket):
@@ -112,27 +112,38 @@ def _parse_s3(uri: str) -> S3URI:
     return S3URI(bucket, key)
 
 
-def redact(url: str | None) -> str | None:
-    """A URL with any user:password part replaced by '***', safe for logs and reprs."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+# scheme://userinfo@ up to the last "@" before the path: a password may itself hold an "@"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#\s]*)@")
+
+
+def mask_credentials(text: str | None) -> str | None:
+    """`text` with the credentials of every URL in it masked, safe for logs, reprs and params.
+
+    `s3://user:pw@host/x` -> `s3://user:***@host/x` (the user name says whose key it was);
+    `https://token@host` -> `https://***@host` (a lone user part is often a token). Works on
+    whole messages too, since error texts from boto3 or MLflow may quote URLs anywhere. In
+    `hf://name@revision` the "@" starts a revision, not a password, so Hub URIs stay as they are.
+    """
+    if not text or "@" not in text:
+        return text
+
+    def mask(match: re.Match) -> str:
+        scheme = match["scheme"]
+        if scheme.lower() == "hf://":
+            return match[0]
+        user, colon, _ = match["userinfo"].partition(":")
+        return f"{scheme}{user}:***@" if colon else f"{scheme}***@"
+
+    return _USERINFO.sub(mask, text)
 
 
 def check_endpoint(url: str | None) -> str | None:
     """Refuse endpoint URLs that carry user:password: configs are logged and shown in UIs."""
     if url and urlsplit(url).netloc.count("@"):
         raise SourceError(
-            f"endpoint_url {redact(url)!r} carries credentials; set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY in the environment (or a Prefect block) instead"
+            f"endpoint_url {mask_credentials(url)!r} carries credentials; set AWS_ACCESS_KEY_ID "
+            "and AWS_SECRET_ACCESS_KEY in the environment (or a Prefect block) instead"
         )
     if url and urlsplit(url).scheme not in ("http", "https"):
         raise SourceError(f"endpoint_url {url!r} must start with http:// or https://")
     return url
-

@@ -34,7 +34,7 @@ from fusellm.train.checkpoint import (
 from fusellm.train.collator import collate
 from fusellm.train.config import TrainConfig, TrainConfigError, as_config
 from fusellm.train.data import DataOrder, open_training_data
-from fusellm.train.tracking import StepLogger, StepMetrics
+from fusellm.train.progress import StepLogger, StepMetrics
 
 # Fields a resumed run may change: they do not alter the trajectory of the weights.
 _RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "gradient_checkpointing"}

@@ -1,8 +1,9 @@
-"""Per-step metrics: to MLflow when the caller has a run open, and a console progress bar.
+"""Per-step progress of training: a console bar, and the step's metrics in the caller's run.
 
-The orchestration layer owns the MLflow run; training only logs into it. MLflow is looked up
-in `sys.modules` rather than imported: if nobody imported it, no run can be active, and a
-plain `fusellm train` does not pay its import time.
+The orchestration layer owns the MLflow run; training only logs into it, through
+`fusellm.tracking.log_metrics`. MLflow is looked up in `sys.modules` rather than imported: if
+nobody imported it, no run can be active, and a plain `fusellm train` does not pay its import
+time.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ class StepLogger:
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{metrics.loss:.4f}", lr=f"{metrics.learning_rate:.2e}")
         mlflow = sys.modules.get("mlflow")
-        if mlflow is not None and mlflow.active_run() is not None:
-            mlflow.log_metrics({f"train/{k}": v for k, v in asdict(metrics).items()}, step=step)
+        active = mlflow.active_run() if mlflow is not None else None
+        if active is not None:
+            from fusellm.tracking import log_metrics
+
+            log_metrics(asdict(metrics), step=step, prefix="train", run_id=active.info.run_id)
 
     def close(self) -> None:
         self.bar.close()

@@ -1,0 +1,194 @@
+"""The fused model in MLflow's registry: logged, registered, and `champion` moved when earned.
+
+The model is logged with MLflow's transformers flavor (safetensors weights and tokenizer, a
+proper MLflow model in the UI) and registered as a new version whose tags carry the primary
+metric, its direction and the sources' scores. The alias `champion` moves to it only when it
+beats the current champion and every source (`fusellm.tracking.champion`); otherwise it is
+tagged `fusellm.role=challenger`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from fusellm.tracking.champion import champion_decision, check_scores
+from fusellm.tracking.current import require_run
+from fusellm.tracking.log import set_tags
+from fusellm.tracking.runs import TAG_CODE_VERSION, code_version
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+TAG_ROLE = "fusellm.role"
+TAG_METRIC = "fusellm.primary_metric"
+TAG_METRIC_VALUE = "fusellm.primary_metric.value"
+TAG_LOWER_IS_BETTER = "fusellm.lower_is_better"
+TAG_SOURCES = "fusellm.sources"
+TAG_FUSED = "fusellm.fused"
+TAG_SOURCE_SCORE = "fusellm.source_score.{}"
+
+
+@dataclass(frozen=True)
+class RegistrationResult:
+    """What registration did: the version, whether it is champion now, and why."""
+
+    name: str
+    version: int
+    is_champion: bool
+    reason: str
+    model_uri: str = ""
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a Hugging Face model folder: config.json is missing"
+        )
+    if not any(model_dir.glob("*.safetensors")):
+        raise FileNotFoundError(
+            f"{model_dir} has no *.safetensors weights; models are logged as safetensors only"
+        )
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned to what produced the model; without this the flavor adds torchvision."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for package in ("torch", "transformers", "tokenizers", "safetensors", "accelerate"):
+        try:
+            reqs.append(f"{package}=={version(package).split('+')[0]}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+def _model_card(model_dir: Path):
+    """The folder's own card, or a minimal one: without a card MLflow asks the Hub for it."""
+    from huggingface_hub import ModelCard
+
+    readme = model_dir / "README.md"
+    if readme.is_file():
+        return ModelCard.load(readme)
+    return ModelCard("---\nlibrary_name: transformers\ntags: [fusellm]\n---\n# FuseLLM model\n")
+
+
+def _champion_score(
+    client: MlflowClient, name: str, primary_metric: str, lower_is_better: bool
+) -> tuple[int | None, float | None, str | None]:
+    """(version, score, problem) of the current champion; problem says why it is not comparable."""
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None, None
+    tags = champion.tags or {}
+    if tags.get(TAG_METRIC) != primary_metric or tags.get(TAG_LOWER_IS_BETTER) != str(
+        lower_is_better
+    ):
+        return (
+            int(champion.version),
+            None,
+            (
+                f"the champion (version {champion.version}) was scored on "
+                f"{tags.get(TAG_METRIC)!r} (lower_is_better={tags.get(TAG_LOWER_IS_BETTER)}), "
+                f"not {primary_metric!r} (lower_is_better={lower_is_better}); "
+                "move the alias by hand "
+                "if this version should replace it"
+            ),
+        )
+    try:
+        return int(champion.version), float(tags[TAG_METRIC_VALUE]), None
+    except (KeyError, ValueError):
+        return (
+            int(champion.version),
+            None,
+            (f"the champion (version {champion.version}) has no readable {TAG_METRIC_VALUE} tag"),
+        )
+
+
+def log_and_register_model(
+    model_dir: str | os.PathLike,
+    *,
+    registered_name: str,
+    primary_metric: str,
+    scores: Mapping[str, float],
+    fused: str,
+    sources: list[str],
+    lower_is_better: bool,
+    artifact_path: str = "model",
+    trust_remote_code: bool = False,
+) -> RegistrationResult:
+    """Log the fused model in the current run, register a new version, decide on `champion`.
+
+    `scores` maps model names to the primary metric: `scores[fused]` for the new model and
+    `scores[s]` for every source. The version is tagged with the metric, its direction, its value
+    and the sources' values; `champion` moves to it only if it beats every source and the
+    current champion (read from the champion version's tags), else it is tagged challenger.
+    Inputs are checked before the model is loaded.
+    """
+    model_dir = Path(model_dir).resolve()
+    _check_model_dir(model_dir)
+    checked = check_scores(scores, fused, list(sources))
+    run_id = require_run("log_and_register_model", None)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # An absolute name_or_path also keeps MLflow from looking the model up on the Hub.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer},
+        name=artifact_path,
+        task="text-generation",
+        pip_requirements=_pip_requirements(),
+        model_card=_model_card(model_dir),
+        run_id=run_id,  # the fusion run even from a worker thread with no active run
+    )
+    del model
+
+    score = checked[fused]
+    source_scores = {s: checked[s] for s in sources}
+    client = MlflowClient()
+    champ_version, champ_score, problem = _champion_score(
+        client, registered_name, primary_metric, lower_is_better
+    )
+    tags = {
+        TAG_METRIC: primary_metric,
+        TAG_METRIC_VALUE: repr(score),
+        TAG_LOWER_IS_BETTER: str(lower_is_better),
+        TAG_FUSED: fused,
+        TAG_SOURCES: ",".join(sources),
+        **{TAG_SOURCE_SCORE.format(s): repr(v) for s, v in source_scores.items()},
+        TAG_CODE_VERSION: code_version(),
+    }
+    version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
+    number = int(version.version)
+    if problem is not None:
+        is_champion, reason = False, problem
+    else:
+        is_champion, reason = champion_decision(score, source_scores, champ_score, lower_is_better)
+    if is_champion:
+        client.set_registered_model_alias(registered_name, CHAMPION, number)
+        if champ_version is not None:
+            reason += f"; replaces version {champ_version}"
+    client.set_model_version_tag(
+        registered_name, number, TAG_ROLE, CHAMPION if is_champion else CHALLENGER
+    )
+    client.update_model_version(registered_name, number, description=f"{primary_metric}: {reason}")
+    set_tags(
+        {
+            "fusellm.registered_model": registered_name,
+            "fusellm.registered_version": number,
+            TAG_ROLE: CHAMPION if is_champion else CHALLENGER,
+        },
+        run_id=run_id,
+    )
+    return RegistrationResult(registered_name, number, is_champion, reason, info.model_uri)
