@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from fusellm.io.files import write_bytes_atomic, write_text_atomic
 
 PRIMARY = "bits_per_byte"
 DIGITS = 6
@@ -179,18 +179,6 @@ def _color(name: str, report: dict, index: int) -> str:
     return ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#17becf"][index % 5]
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_report(report: dict, folder: str | Path) -> dict[str, Path]:
     """Write report.json, report.md and report.png into `folder`; returns their paths."""
     import io
@@ -198,10 +186,8 @@ def write_report(report: dict, folder: str | Path) -> dict[str, Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {
-        "json": _write_atomic(
-            folder / "report.json", (json.dumps(report, indent=2) + "\n").encode()
-        ),
-        "md": _write_atomic(folder / "report.md", markdown(report).encode()),
+        "json": write_text_atomic(folder / "report.json", json.dumps(report, indent=2) + "\n"),
+        "md": write_text_atomic(folder / "report.md", markdown(report)),
     }
     fig = chart(report)
     buffer = io.BytesIO()
@@ -209,5 +195,5 @@ def write_report(report: dict, folder: str | Path) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    paths["png"] = _write_atomic(folder / "report.png", buffer.getvalue())
+    paths["png"] = write_bytes_atomic(folder / "report.png", buffer.getvalue())
     return paths

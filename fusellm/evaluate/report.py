@@ -9,13 +9,11 @@ the best source, as a markdown table and a grouped bar chart like the paper's fi
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusellm.evaluate.results import SuiteResult
-from fusellm.io.files import write_text_atomic
+from fusellm.io.files import write_bytes_atomic, write_text_atomic
 
 PERCENT_METRICS = {"acc", "acc_norm", "exact_match", "pass@1"}
 AVERAGE = "Average"
@@ -225,17 +223,13 @@ def bar_chart(tables: dict[str, SuiteTable], fused: str, baseline: str, crowded:
     return fig
 
 
-def _save_figure_atomic(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _png(fig) -> bytes:
+    """The chart as PNG bytes, so that it is written like every other file."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def compare(
@@ -272,7 +266,7 @@ def compare(
     table_path = write_text_atomic(output_dir / "comparison.md", markdown)
     fig = bar_chart(tables, fused, baseline)
     try:
-        chart_path = _save_figure_atomic(fig, output_dir / "comparison.png")
+        chart_path = write_bytes_atomic(output_dir / "comparison.png", _png(fig))
     finally:
         plt.close(fig)
     return Comparison(fused, baseline, list(sources), tables, markdown, table_path, chart_path)
