@@ -11,11 +11,10 @@ import torch
 from pydantic import ValidationError
 
 from fusellm.demo import data
-from fusellm.demo.heldout import bits_per_byte, load_model, scored_windows, text_nll
+from fusellm.demo.heldout import bits_per_byte, load_local_model, scored_windows, text_nll
 from fusellm.demo.sources import (
     DEFAULT_RECIPE,
     DemoSourcesRecipe,
-    SourceRecipe,
     build_sources,
 )
 from fusellm.testing.tiny import tiny_model, train_tokenizer
@@ -95,7 +94,7 @@ def test_chunk_text_respects_the_limit_and_keeps_the_text():
 
 def test_bad_inputs_are_named():
     with pytest.raises(ValidationError, match="must be below 1"):
-        data.DataConfig(heldout=0.5, fusion=0.5)
+        data.DemoSplits(heldout=0.5, fusion=0.5)
     with pytest.raises(ValueError, match="unknown domain 'poetry'"):
         data.load_split("poetry", "train")
     with pytest.raises(ValueError, match="unknown split 'dev'"):
@@ -115,10 +114,10 @@ def test_bad_inputs_are_named():
 
 def _small_recipe(seed: int = 0) -> DemoSourcesRecipe:
     """The default recipe shrunk to seconds: same architectures, tokenizer kinds and mixes."""
-    shrink = dict(
-        hidden=16, layers=1, heads=2, context=32, steps=4, batch_size=2, vocab_size=400,
-        tokenizer_bytes=20_000, warmup_steps=1,
-    )
+    shrink = {
+        "hidden": 16, "layers": 1, "heads": 2, "context": 32, "steps": 4, "batch_size": 2,
+        "vocab_size": 400, "tokenizer_bytes": 20_000, "warmup_steps": 1,
+    }  # fmt: skip
     return DemoSourcesRecipe(
         sources=tuple(s.model_copy(update=shrink) for s in DEFAULT_RECIPE.sources),
         train_bytes=30_000,
@@ -151,7 +150,7 @@ def test_sources_build_into_model_folders(built):
         assert path.parent == cache / "demo-sources"
         assert (path / "model.safetensors").is_file() and (path / "summary.json").is_file()
         assert not list(path.glob("*.bin"))
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_local_model(path)
         kinds[entry["name"]] = (type(model).__name__, len(tokenizer))
         assert model.config.vocab_size >= len(tokenizer)
         # Tokenization is lossless, so bits per byte counts the same text for every model (up to
@@ -163,10 +162,10 @@ def test_sources_build_into_model_folders(built):
     assert kinds["llama-docs"][0] == "LlamaForCausalLM"
     assert kinds["neox-code"][0] == "GPTNeoXForCausalLM"
     assert kinds["gpt2-docstrings"][0] == "GPT2LMHeadModel"
-    spm_vocab = load_model(result.paths["llama-docs"])[1].get_vocab()
+    spm_vocab = load_local_model(result.paths["llama-docs"])[1].get_vocab()
     assert any(t.startswith("▁") for t in spm_vocab) and "<0x0A>" in spm_vocab
     # Three different tokenizers, not one tokenizer three times.
-    vocabs = [load_model(p)[1].get_vocab() for p in result.paths.values()]
+    vocabs = [load_local_model(p)[1].get_vocab() for p in result.paths.values()]
     assert vocabs[0] != vocabs[1] != vocabs[2] != vocabs[0]
     assert not [p for p in (cache / "demo-sources").iterdir() if p.name.startswith(".")]
 
@@ -192,7 +191,7 @@ def test_rebuild_is_bitwise_identical(built, tmp_path):
     for name, path in first.paths.items():
         assert second.paths[name].name == path.name  # same content key
         assert _file_digests(second.paths[name]) == _file_digests(path), name
-        a, b = load_model(path)[0], load_model(second.paths[name])[0]
+        a, b = load_local_model(path)[0], load_local_model(second.paths[name])[0]
         for (key, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(x, y), f"{name}: {key} differs"
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from fusellm.evaluate import multiple
-from fusellm.evaluate.data import DataConfig, DataError
+from fusellm.evaluate.data import DataError, EvalDataSource
 from fusellm.evaluate.runner import run_suite
 from fusellm.evaluate.suites import get_suite, leaf_tasks, resolve, suites, task_manager
 
@@ -29,12 +29,12 @@ def test_bbh_covers_all_27_subtasks_of_lm_eval():
     leaves = leaf_tasks(task_manager("bbh"), "fusellm_bbh")
     assert len(leaves) == 27
     assert list(leaves) == expected
-    resolved = resolve("bbh", DataConfig(data_dir=DATA))  # all 27 local files present
+    resolved = resolve("bbh", EvalDataSource(data_dir=DATA))  # all 27 local files present
     assert len(resolved.tasks) == 27
 
 
 def test_commonsense_tasks_and_local_overrides():
-    resolved = resolve("commonsense", DataConfig(data_dir=DATA))
+    resolved = resolve("commonsense", EvalDataSource(data_dir=DATA))
     assert resolved.tasks == ["arc_easy", "arc_challenge", "boolq", "hellaswag", "openbookqa"]
     members = {m["task"]: m for m in resolved.spec["task"]}
     assert members["arc_easy"]["dataset_path"] == "json"
@@ -50,7 +50,7 @@ def test_hub_source_keeps_builtin_dataset(monkeypatch):
     from fusellm.evaluate import data
 
     monkeypatch.setattr(data, "hub_offline", lambda: False)  # as on a machine with network
-    resolved = resolve("commonsense", DataConfig(source="hub"))
+    resolved = resolve("commonsense", EvalDataSource(source="hub"))
     assert all("dataset_path" not in m for m in resolved.spec["task"])
 
 
@@ -69,14 +69,16 @@ def test_missing_local_files_named_before_model_loads(tmp_path):
 def test_offline_hub_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DataError, match=r"(?s)suite 'bbh'.*offline.*--data-dir"):
-        run_suite(tmp_path / "no-model", "bbh", data=DataConfig(source="hub"), output_dir=tmp_path)
+        run_suite(
+            tmp_path / "no-model", "bbh", data=EvalDataSource(source="hub"), output_dir=tmp_path
+        )
 
 
 def test_empty_cache_is_a_clear_error(tmp_path):
     with pytest.raises(
         DataError, match=r"(?s)suite 'commonsense'.*allenai/ai2_arc is not in the cache"
     ):
-        resolve("commonsense", DataConfig(source="cache", cache_dir=tmp_path))
+        resolve("commonsense", EvalDataSource(source="cache", cache_dir=tmp_path))
 
 
 def test_cache_with_dataset_folder_passes(tmp_path):
@@ -87,20 +89,20 @@ def test_cache_with_dataset_folder_passes(tmp_path):
         "allenai___openbookqa",
     ):
         (tmp_path / name).mkdir()
-    resolved = resolve("commonsense", DataConfig(source="cache", cache_dir=tmp_path))
+    resolved = resolve("commonsense", EvalDataSource(source="cache", cache_dir=tmp_path))
     assert resolved.spec["task"][0]["dataset_kwargs"] == {"cache_dir": str(tmp_path)}
 
 
 def test_local_suite_needs_local_data():
     with pytest.raises(DataError, match="project-local data only"):
-        resolve("local", DataConfig(source="hub"))
+        resolve("local", EvalDataSource(source="hub"))
 
 
 def test_task_subset_and_unknown_task():
-    resolved = resolve("bbh", DataConfig(data_dir=DATA), tasks=["bbh_cot_fewshot_navigate"])
+    resolved = resolve("bbh", EvalDataSource(data_dir=DATA), tasks=["bbh_cot_fewshot_navigate"])
     assert resolved.tasks == ["bbh_cot_fewshot_navigate"]
     with pytest.raises(ValueError, match="has no task"):
-        resolve("bbh", DataConfig(data_dir=DATA), tasks=["navigate"])
+        resolve("bbh", EvalDataSource(data_dir=DATA), tasks=["navigate"])
 
 
 def test_multiple_skips_languages_without_toolchain():
@@ -116,4 +118,4 @@ def test_multiple_skips_languages_without_toolchain():
 
 def test_local_source_requires_folder():
     with pytest.raises(ValueError, match="needs data_dir"):
-        DataConfig(source="local")
+        EvalDataSource(source="local")

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from fusellm.data.pieces import make_pieces, split_texts
+from fusellm.data.pieces import cut_pieces, split_texts
 
 NAMES = ("llama-spm", "mpt", "gpt-2")
 
@@ -86,7 +86,7 @@ TEXT = st.lists(st.one_of(PARTS, st.text(min_size=1, max_size=6)), min_size=1, m
 def test_random_text_is_covered_and_fits(tokenizers, text, block, margin):
     if block - margin < 8:
         block = 8 + margin
-    pieces = make_pieces([text], tokenizers, block_size=block, margin=margin, progress=False)
+    pieces = cut_pieces([text], tokenizers, block_size=block, margin=margin, progress=False)
     if not text.strip():
         assert pieces == []
     else:
@@ -158,7 +158,7 @@ class CountingTokenizer:
 def test_linear_work_no_retokenizing_the_whole_text_per_piece(tokenizers):
     text = _long_text(100_000, seed=7)
     counting = [CountingTokenizer(t) for t in tokenizers]
-    pieces = make_pieces([text], counting, block_size=256, margin=16, progress=False)
+    pieces = cut_pieces([text], counting, block_size=256, margin=16, progress=False)
     assert len(pieces) > 100
     for c in counting:
         # Once for the cut, once to verify each piece, plus the few re-cut pieces.
@@ -168,14 +168,14 @@ def test_linear_work_no_retokenizing_the_whole_text_per_piece(tokenizers):
 def test_cuts_prefer_line_ends(tokenizers):
     lines = [f"    value_{i} = compute({i}, scale={i % 7})  # step {i}\n" for i in range(400)]
     text = "".join(lines)
-    pieces = make_pieces([text], tokenizers, block_size=128, margin=8, progress=False)
+    pieces = cut_pieces([text], tokenizers, block_size=128, margin=8, progress=False)
     check(text, pieces, tokenizers, 120)
     assert all(p.endswith("\n") for p in pieces)
 
 
 def test_no_whitespace_falls_back_to_token_boundaries(tokenizers):
     text = "日本語のテキスト" * 300 + "a" * 3000 + "😀" * 200
-    pieces = make_pieces([text], tokenizers, block_size=64, margin=0, progress=False)
+    pieces = cut_pieces([text], tokenizers, block_size=64, margin=0, progress=False)
     check(text, pieces, tokenizers, 64)
 
 
@@ -198,19 +198,19 @@ def test_empty_texts_dropped_and_counted(tokenizers, caplog):
 
 def test_bad_arguments(tokenizers):
     with pytest.raises(ValueError, match="at least 8"):
-        make_pieces(["x"], tokenizers, block_size=10, margin=5)
+        cut_pieces(["x"], tokenizers, block_size=10, margin=5)
     with pytest.raises(ValueError, match="block_size must be > 0"):
-        make_pieces(["x"], tokenizers, block_size=0)
+        cut_pieces(["x"], tokenizers, block_size=0)
     with pytest.raises(ValueError, match="at least one tokenizer"):
-        make_pieces(["x"], [])
+        cut_pieces(["x"], [])
 
     class Slow:
         is_fast = False
 
     with pytest.raises(ValueError, match="not a fast tokenizer"):
-        make_pieces(["x"], [tokenizers[0], Slow()])
+        cut_pieces(["x"], [tokenizers[0], Slow()])
     with pytest.raises(TypeError, match="text #1 is bytes"):
-        make_pieces(["ok", b"bytes"], tokenizers, progress=False)
+        cut_pieces(["ok", b"bytes"], tokenizers, progress=False)
 
 
 def test_locally_trained_tokenizer_families():
@@ -222,5 +222,5 @@ def test_locally_trained_tokenizer_families():
         train_tokenizer(corpus, kind=k, vocab_size=400) for k in ("spm", "bytelevel", "wordpiece")
     ]
     text = _long_text(20_000, seed=11) + " cafe\u0301 e\u0301te\u0301 "  # decomposed accents
-    pieces = make_pieces([text], toks, block_size=100, margin=4, progress=False)
+    pieces = cut_pieces([text], toks, block_size=100, margin=4, progress=False)
     check(text, pieces, toks, 96)

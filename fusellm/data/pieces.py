@@ -56,7 +56,7 @@ class _Tokens:
 
 def _check_tokenizers(tokenizers: Sequence) -> None:
     if not tokenizers:
-        raise ValueError("make_pieces needs at least one tokenizer")
+        raise ValueError("cut_pieces needs at least one tokenizer")
     for i, tok in enumerate(tokenizers):
         if not getattr(tok, "is_fast", False):
             raise ValueError(
@@ -236,7 +236,7 @@ def split_texts(
     return result
 
 
-def make_pieces(
+def cut_pieces(
     texts: Iterable[str],
     tokenizers: Sequence,
     block_size: int = 2048,

@@ -34,7 +34,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Domain = Literal["docs", "code", "docstrings"]
 Split = Literal["train", "fusion", "heldout"]
 DOMAINS: tuple[str, ...] = ("docs", "code", "docstrings")
 SPLITS: tuple[str, ...] = ("train", "fusion", "heldout")
@@ -61,7 +60,7 @@ _SKIPPED_DIRS = frozenset(
 _SPLIT_SALT = b"fusellm-demo-split-v1\0"
 
 
-class DataConfig(BaseModel):
+class DemoSplits(BaseModel):
     """How the domains are cut into documents and split (part of every cache key)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -72,7 +71,7 @@ class DataConfig(BaseModel):
     fusion: float = Field(0.2, ge=0, lt=1, description="share kept for the fusion corpus")
 
     @model_validator(mode="after")
-    def _shares_leave_training_data(self) -> "DataConfig":
+    def _shares_leave_training_data(self) -> DemoSplits:
         if self.heldout + self.fusion >= 1:
             raise ValueError(
                 f"heldout ({self.heldout}) + fusion ({self.fusion}) must be below 1 "
@@ -85,19 +84,22 @@ class DataConfig(BaseModel):
         return self
 
 
+DEFAULT_SPLITS = DemoSplits()
+
+
 def split_position(text: str) -> float:
     """A number in [0, 1) fixed by the text alone: where the document falls among the splits."""
     digest = hashlib.sha256(_SPLIT_SALT + text.encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_of(text: str, config: DataConfig = DataConfig()) -> Split:
+def split_of(text: str, config: DemoSplits = DEFAULT_SPLITS) -> Split:
     """The split a document belongs to: held-out first, then fusion, the rest is training."""
     u = split_position(text)
     return next(s for s in SPLITS if _bounds(s, config)[0] <= u < _bounds(s, config)[1])
 
 
-def _bounds(split: str, config: DataConfig) -> tuple[float, float]:
+def _bounds(split: str, config: DemoSplits) -> tuple[float, float]:
     """The interval of split positions that belongs to `split`."""
     edges = {
         "heldout": (0.0, config.heldout),
@@ -238,7 +240,7 @@ def raw_texts(domain: str, root: Path | None = None) -> list[str]:
 
 
 def documents(
-    domain: str, config: DataConfig = DataConfig(), root: Path | None = None
+    domain: str, config: DemoSplits = DEFAULT_SPLITS, root: Path | None = None
 ) -> list[str]:
     """All documents of a domain: chunks of its texts, deduplicated, in corpus order."""
     _check_domain(domain)
@@ -247,7 +249,7 @@ def documents(
 
 @functools.lru_cache(maxsize=16)
 def _positioned(
-    domain: str, config: DataConfig, root: Path | None
+    domain: str, config: DemoSplits, root: Path | None
 ) -> tuple[tuple[str, float], ...]:
     seen: set[str] = set()
     out = []
@@ -264,7 +266,7 @@ def load_split(
     split: str,
     *,
     max_bytes: int | None = None,
-    config: DataConfig = DataConfig(),
+    config: DemoSplits = DEFAULT_SPLITS,
     root: Path | None = None,
 ) -> list[str]:
     """The documents of one domain in one split, in hash order, up to `max_bytes` of UTF-8."""
@@ -286,20 +288,6 @@ def load_split(
         out.append(doc)
         total += size
     return out
-
-
-def load_splits(
-    split: str,
-    *,
-    domains: tuple[str, ...] = DOMAINS,
-    max_bytes: int | None = None,
-    config: DataConfig = DataConfig(),
-    root: Path | None = None,
-) -> dict[str, list[str]]:
-    """One split of several domains: {domain: documents}, each capped at `max_bytes`."""
-    return {
-        d: load_split(d, split, max_bytes=max_bytes, config=config, root=root) for d in domains
-    }
 
 
 def _check_domain(domain: str) -> None:

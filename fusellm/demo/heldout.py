@@ -25,17 +25,19 @@ from tqdm.auto import tqdm
 _DEFAULT_MAX_LENGTH = 1024
 
 
-def load_model(path: str | Path, *, trust_remote_code: bool = False):
-    """(model in eval mode, tokenizer) from a local model folder."""
+def load_local_model(path: str | Path):
+    """(model in eval mode, tokenizer) from a local folder the demo built itself.
+
+    No `ModelRef` here, unlike `fusellm.io.sources.load_model`: the demo's folders are its own,
+    so there is no remote source, dtype or remote code to honour.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder: config.json is missing")
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, trust_remote_code=trust_remote_code, use_safetensors=True
-    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
     model.eval()
     return model, tokenizer
 
@@ -137,7 +139,7 @@ def bits_per_byte_table(
     """{model name: {domain: bits/byte}} for every model folder on every domain's texts."""
     table: dict[str, dict[str, float]] = {}
     for name, path in models.items():
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_local_model(path)
         table[name] = {}
         for domain, domain_texts in texts.items():
             table[name][domain] = bits_per_byte(

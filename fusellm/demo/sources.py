@@ -49,7 +49,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tqdm.auto import tqdm
 
-from fusellm.demo.data import DOMAINS, DataConfig, load_split
+from fusellm.demo.data import DOMAINS, DemoSplits, load_split
 from fusellm.io.fingerprint import sha256_json, sha256_texts
 
 # Bump when the build below changes in a way the recipe does not show (invalidates caches).
@@ -99,7 +99,7 @@ class DemoSourcesRecipe(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     sources: tuple[SourceRecipe, ...]
-    data: DataConfig = DataConfig()
+    data: DemoSplits = DemoSplits()
     train_bytes: int = Field(3_000_000, ge=1_000, description="training text per domain, at most")
     seed: int = 0
 

@@ -6,7 +6,7 @@ writes the fused-vs-sources-vs-CLM table and chart. Task definitions are YAML un
 suites are declared in `suites.yaml`.
 """
 
-from fusellm.evaluate.data import DataConfig, DataError
+from fusellm.evaluate.data import DataError, EvalDataSource
 from fusellm.evaluate.report import Comparison, compare
 from fusellm.evaluate.results import SuiteResult
 from fusellm.evaluate.runner import run_suite
@@ -14,8 +14,8 @@ from fusellm.evaluate.suites import get_suite, resolve, suites
 
 __all__ = [
     "Comparison",
-    "DataConfig",
     "DataError",
+    "EvalDataSource",
     "SuiteResult",
     "compare",
     "get_suite",

@@ -3,44 +3,63 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
 def eval_command(
-    model: Path = typer.Option(..., "--model", help="Hugging Face model folder (safetensors)."),
-    suite: str = typer.Option(..., "--suite", help="bbh, commonsense, multipl-e or local."),
-    output: Path = typer.Option(..., "--output", help="Folder for results and sample logs."),
-    data_dir: Path | None = typer.Option(
-        None,
-        "--data-dir",
-        help="Local JSONL files in the Hub layout (<path>/<name>/<split>.jsonl).",
-    ),
-    source: str | None = typer.Option(
-        None, "--source", help="hub, cache or local (default: local with --data-dir, else hub)."
-    ),
-    cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Pre-filled datasets cache."),
-    task: list[str] | None = typer.Option(None, "--task", help="Run only this task (repeat)."),
-    limit: int | None = typer.Option(None, "--limit", help="At most this many documents per task."),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    device: str = typer.Option("cpu", "--device"),
-    max_gen_toks: int | None = typer.Option(None, "--max-gen-toks", help="Cap generation length."),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow code shipped with the model (off by default)."
-    ),
+    model: Annotated[
+        Path, typer.Option("--model", help="Hugging Face model folder (safetensors).")
+    ],
+    suite: Annotated[str, typer.Option("--suite", help="bbh, commonsense, multipl-e or local.")],
+    output: Annotated[Path, typer.Option("--output", help="Folder for results and sample logs.")],
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Local JSONL files in the Hub layout (<path>/<name>/<split>.jsonl).",
+        ),
+    ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            "--source", help="hub, cache or local (default: local with --data-dir, else hub)."
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Pre-filled datasets cache.")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Run only this task (repeat).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="At most this many documents per task.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
+    device: Annotated[str, typer.Option("--device")] = "cpu",
+    max_gen_toks: Annotated[
+        int | None, typer.Option("--max-gen-toks", help="Cap generation length.")
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-remote-code", help="Allow code shipped with the model (off by default)."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a model on a suite (lm-eval) and write results.json, samples/ and the config."""
     from rich.console import Console
     from rich.table import Table
 
-    from fusellm.evaluate.data import DataConfig, DataError
+    from fusellm.evaluate.data import DataError, EvalDataSource
     from fusellm.evaluate.runner import run_suite
 
     console = Console()
     try:
         data = None
         if source or data_dir or cache_dir:
-            data = DataConfig(source=source, data_dir=data_dir, cache_dir=cache_dir)
+            data = EvalDataSource(source=source, data_dir=data_dir, cache_dir=cache_dir)
         result = run_suite(
             model,
             suite,

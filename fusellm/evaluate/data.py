@@ -27,7 +27,7 @@ class DataError(ValueError):
     """The data a suite needs is not where the configuration says it is."""
 
 
-class DataConfig(BaseModel):
+class EvalDataSource(BaseModel):
     """Where a suite's data comes from.
 
     source: "hub" downloads with `datasets` (needs network), "cache" reads a pre-filled datasets
@@ -40,7 +40,7 @@ class DataConfig(BaseModel):
     cache_dir: Path | None = None
 
     @model_validator(mode="after")
-    def _default_source(self) -> DataConfig:
+    def _default_source(self) -> EvalDataSource:
         if self.source is None:
             self.source = "local" if self.data_dir is not None else "hub"
         if self.source == "local" and self.data_dir is None:
@@ -124,7 +124,7 @@ def default_cache_dir() -> Path:
     return Path(config.HF_DATASETS_CACHE)
 
 
-def task_overrides(suite: str, items: list[TaskData], data: DataConfig) -> dict[str, dict]:
+def task_overrides(suite: str, items: list[TaskData], data: EvalDataSource) -> dict[str, dict]:
     """lm-eval config overrides per task for `data`; raises DataError listing everything missing."""
     problems: list[str] = []
     overrides: dict[str, dict] = {}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from fusellm.evaluate.data import DataConfig, offline_if
+from fusellm.evaluate.data import EvalDataSource, offline_if
 from fusellm.evaluate.results import SuiteResult, parse_lm_eval
 from fusellm.evaluate.suites import resolve
 from fusellm.io.files import write_text_atomic
@@ -80,7 +80,7 @@ def run_suite(
     output_dir: str | Path,
     tokenizer=None,
     data_dir: str | Path | None = None,
-    data: DataConfig | None = None,
+    data: EvalDataSource | None = None,
     tasks: list[str] | None = None,
     limit: float | None = None,
     batch_size: int = 1,
@@ -92,7 +92,7 @@ def run_suite(
 ) -> SuiteResult:
     """Evaluate `model` (a model folder or an in-memory HF causal LM) on `suite`.
 
-    data_dir: local JSONL files in the Hub layout (shortcut for DataConfig(data_dir=...));
+    data_dir: local JSONL files in the Hub layout (shortcut for EvalDataSource(data_dir=...));
     tasks: run only these leaf tasks of the suite; limit: at most this many documents per task;
     max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers).
     """
@@ -100,7 +100,7 @@ def run_suite(
     from lm_eval.tasks import TaskManager
 
     if data is None and data_dir is not None:
-        data = DataConfig(data_dir=Path(data_dir))
+        data = EvalDataSource(data_dir=Path(data_dir))
     resolved = resolve(suite, data, tasks)  # every input checked before the model is loaded
     output_dir = Path(output_dir)
     lm = load_lm(

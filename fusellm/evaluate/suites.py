@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from fusellm.evaluate.data import SPLIT_KEYS, DataConfig, TaskData, task_overrides
+from fusellm.evaluate.data import SPLIT_KEYS, EvalDataSource, TaskData, task_overrides
 
 PACKAGE_DIR = Path(__file__).parent
 TASKS_DIR = PACKAGE_DIR / "tasks"
@@ -140,7 +140,7 @@ def _skip_reason(task: str) -> str | None:
 
 
 def resolve(
-    suite_name: str, data: DataConfig | None = None, tasks: list[str] | None = None
+    suite_name: str, data: EvalDataSource | None = None, tasks: list[str] | None = None
 ) -> ResolvedSuite:
     """Everything needed to run `suite_name`, or a clear error naming what is missing.
 
@@ -149,7 +149,7 @@ def resolve(
     suite = get_suite(suite_name)
     if data is None:
         shipped = suite.shipped_data_dir
-        data = DataConfig(source="local", data_dir=shipped) if shipped else DataConfig()
+        data = EvalDataSource(source="local", data_dir=shipped) if shipped else EvalDataSource()
     manager = task_manager(suite_name)
     group_raw = _raw_config(manager, suite.group)
     leaves = leaf_tasks(manager, suite.group)
