@@ -1,59 +1,45 @@
 """The end-to-end fusion flow: one MLflow parent run, every stage in order, cached by content.
 
 `fuse(config)` takes the whole `FusionConfig` as its one typed parameter, so the Prefect UI's
-"Run" page shows it as a form. A re-run of unchanged inputs finds every task in the cache and
-trains nothing; changing one source recomputes only its extraction, the fusion, training and
-evaluation (content keys, `fusellm.pipeline`).
+"Run" page shows it as a form. The stages and their order are `fusellm.stages.pipeline`; each
+unit of stage work is a task, and a unit whose content-addressed folder exists is ``Cached``.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from fusellm import pipeline, tracking
+from fusellm import tracking
 from fusellm.config import FusionConfig
-from flows import steps
+from fusellm.stages import pipeline
+from fusellm.stages.registry import write_record
+from fusellm_tasks.stages import PrefectExecutor
 
 
 @flow(name="fuse", log_prints=True)
 def fuse(config: FusionConfig) -> dict:
     """Fuse the sources into the target: pieces, extraction, alignment and fusion, training,
     evaluation against every source and the CLM baseline, registration in MLflow."""
-    report = steps.Report()
+    ex = PrefectExecutor()
     with tracking.fusion_run(
         config.name,
         experiment=config.tracking.experiment,
         params=config,
         tracking_uri=config.tracking.tracking_uri,
     ) as run_id:
-        prepared = steps.prepare(config, report)
-        tracking.set_tags(steps.source_tags(prepared.identities))
-        stores = steps.extract(config, prepared, report)
-        fused = steps.align_and_fuse(config, prepared, stores, report)
-        trained = steps.train(config, prepared, stores, fused, report)
-        results, comparison = steps.evaluate(config, prepared, trained, report)
-        scores = pipeline.primary_scores(results, config.primary_suite)
-        registration = None
-        if config.tracking.register_model:
-            with tracking.stage_run("register"):
-                state = pipeline.register_fused(trained["fused"], scores, config, config.workdir)
-                registration = state.info
-            tracking.set_tags(
-                {
-                    "fusellm.registered_version": registration["version"],
-                    "fusellm.role": "champion" if registration["is_champion"] else "challenger",
-                }
-            )
+        done = pipeline.walk(config, ex)
         summary = {
             "run_id": run_id,
-            "scores": scores,
-            "fused_model": str(trained["fused"].path / "model"),
-            "comparison": str(comparison.path) if comparison else None,
-            "registration": registration,
-            "states": report.as_dict(),
-            "computed": report.computed(),
+            "scores": done.scores,
+            "fused_model": str(done.trained["fused"].path / "model"),
+            "comparison": str(done.comparison.path) if done.comparison else None,
+            "registration": done.registration.info if done.registration else None,
+            "states": ex.tally.as_dict(),
+            "computed": ex.tally.computed(),
         }
         tracking.log_json(summary, "summary.json")
-    pipeline.write_record(config, prepared.identities, summary)
-    steps.log("fusion done: scores %s, registration %s", scores, registration)
+    write_record(config, done.identities, summary)
+    get_run_logger().info(
+        "fusion done: scores %s, registration %s", done.scores, summary["registration"]
+    )
     return summary

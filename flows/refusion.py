@@ -3,17 +3,18 @@
 Identities are cheap to resolve (Hub commit shas, S3 ETag listings, local content hashes, the
 corpus fingerprint) and are compared with the record the last successful `fuse` left in the work
 folder. Nothing changed: nothing runs, no training. Something changed: `fuse` runs, and its
-content-addressed tasks recompute only what depends on the change.
+content-addressed stages recompute only what depends on the change.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, get_run_logger
 
-from fusellm import pipeline
 from fusellm.config import FusionConfig, load_fusion_config
-from flows import steps
-from flows.fuse import fuse
+from fusellm.stages.prepare import resolve_identities
+from fusellm.stages.registry import changed_inputs
+from fusellm_flows.fuse import fuse
+from fusellm_tasks.stages import PrefectExecutor
 
 
 @flow(name="refusion")
@@ -27,11 +28,12 @@ def refusion(config: FusionConfig | None = None, config_path: str | None = None)
         raise ValueError("refusion needs exactly one of config or config_path")
     if config is None:
         config = load_fusion_config(config_path)
-    identities = steps.t.resolve_sources(config)
-    changed = pipeline.changed_inputs(config, identities)
+    identities = PrefectExecutor().call("resolve-sources", resolve_identities, config)
+    changed = changed_inputs(config, identities)
+    log = get_run_logger()
     if changed == []:
-        steps.log("no source, target or corpus changed since the last fusion: nothing to do")
+        log.info("no source, target or corpus changed since the last fusion: nothing to do")
         return {"changed": [], "fused": False}
-    steps.log("re-fusing; changed: %s", changed if changed is not None else "no previous run")
+    log.info("re-fusing; changed: %s", changed if changed is not None else "no previous run")
     summary = fuse(config)
     return {"changed": changed, "fused": True, "summary": summary}

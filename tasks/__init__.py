@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers over `fusellm.pipeline` stages (retries, cache keys, logging)."""
+"""Prefect tasks: thin wrappers that run the stages of `fusellm.stages` as task runs."""

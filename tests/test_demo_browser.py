@@ -35,7 +35,8 @@ DEMO = textwrap.dedent(
     sys.path.insert(0, sys.argv[1])
     from test_demo_run import _tiny_recipe, _tiny_sources
     from fusellm.demo.run import run_demo
-    run_demo(sys.argv[2], recipe=_tiny_recipe(), sources_recipe=_tiny_sources(),
+    from fusellm_flows.fuse import fuse
+    run_demo(fuse, sys.argv[2], recipe=_tiny_recipe(), sources_recipe=_tiny_sources(),
              cache_dir=sys.argv[3], home=sys.argv[4], progress=False)
     """
 )

@@ -71,6 +71,7 @@ def demo_runs(harness, tmp_path_factory):
     """Two tiny demos with the same seed, each in its own folder, sharing the source cache."""
     from fusellm.demo.run import run_demo
     from fusellm.settings import embedded_defaults
+    from fusellm_flows.fuse import fuse
 
     root = tmp_path_factory.mktemp("demo")
     home = root / "home"
@@ -79,6 +80,7 @@ def demo_runs(harness, tmp_path_factory):
     try:
         reports = [
             run_demo(
+                fuse,
                 root / name,
                 recipe=_tiny_recipe(),
                 sources_recipe=_tiny_sources(),

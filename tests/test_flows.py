@@ -1,19 +1,19 @@
 """The Prefect flows end to end, under Prefect's test harness, with MLflow on SQLite.
 
 Tiny models (a Llama-style and a GPT-NeoX-style source, the target is the first), a few dozen
-pieces, eight training steps, the `local` evaluation suite on two documents per task. Checked:
+pieces, a few training steps, the `local` evaluation suite on two documents per task. Checked:
 the whole fusion runs and is tracked (parent run, nested stage runs, tags, metrics, artifacts,
-registered model); an unchanged re-run is all cache hits, trains nothing and takes < 20 % of the
-first run's time; changing one source recomputes only that source's extraction, the fusion, the
-fused model's training and the evaluations that depend on them; `refusion` does nothing when
-nothing changed and re-fuses when a source did; each stage flow runs on its own; `fusellm run`.
+registered model); an unchanged re-run finds every stage folder (``Cached`` task runs), makes no
+folder and trains nothing; changing one source recomputes only that source's extraction, the
+fusion, the fused model's training and the evaluations that depend on them; `refusion` does
+nothing when nothing changed and re-fuses when a source did; each stage flow runs on its own;
+`fusellm run`. Task states and folders prove the reuse; no wall-clock ratio is asserted.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +47,7 @@ def fusion(tmp_path_factory):
     corpus = write_corpus(root / "corpus", texts)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     data = fusion_dict({k: str(v) for k, v in models.items()}, str(corpus), root / "work", uri)
+    data["training"].update(max_steps=6, checkpoint_every=6)
     return parse_fusion_config(data), models, uri
 
 
@@ -55,11 +56,9 @@ def _folders(workdir: Path) -> set[str]:
 
 
 def _run(config):
-    from flows.fuse import fuse
+    from fusellm_flows.fuse import fuse
 
-    start = time.perf_counter()
-    summary = fuse(config)
-    return summary, time.perf_counter() - start
+    return fuse(config)
 
 
 def test_fuse_rerun_and_change_one_source(harness, fusion):
@@ -67,7 +66,7 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     from mlflow import MlflowClient
 
     config, models, uri = fusion
-    first, t_first = _run(config)
+    first = _run(config)
     states = first["states"]
     (pieces,) = config.workdir.glob("pieces/*/stage.json")
     shards = -(-json.loads(pieces.read_text())["info"]["pieces"] // config.extraction.shard_size)
@@ -105,39 +104,38 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     assert "fusion/neox/min_ce_win_rate" in fusion_metrics
     assert "local/fused/bits_per_byte" in stages["evaluate"].data.metrics
     history = client.get_metric_history(stages["train_fused"].info.run_id, "train/fused/loss")
-    assert [m.step for m in history] == list(range(1, 1501))
+    assert [m.step for m in history] == list(range(1, 7))
     artifacts = {a.path for a in client.list_artifacts(stages["evaluate"].info.run_id)}
     assert {"comparison", "evaluation"} <= artifacts
     version = client.get_model_version("tiny-fused", "1")
     assert version.tags["fusellm.role"] in ("champion", "challenger")
 
-    # An unchanged re-run: every task but the identity check is a cache hit, nothing trains.
+    # An unchanged re-run: every stage folder exists (Cached), nothing trains, no new folder.
     before = _folders(config.workdir)
-    second, t_second = _run(config)
+    second = _run(config)
     assert _folders(config.workdir) == before
     computed = {k: v for k, v in second["computed"].items() if v}
-    assert computed == {"resolve-sources": 1}, second["states"]
-    assert all(s == "Cached" for s in second["states"]["train"])
+    assert computed == {"resolve-sources": 1, "fetch-model": 3}, second["states"]
+    assert second["states"]["train"] == ["Cached", "Cached"]
     assert second["registration"]["version"] == 1  # no duplicate version for the same model
-    assert t_second < 0.2 * t_first, (t_first, t_second)
-    print(f"first run {t_first:.1f} s, unchanged re-run {t_second:.1f} s")
 
     # One source retrained: its extraction, the fused data, the fused model and the evaluations
     # of the changed models run again; the pieces, the target's store and the baseline do not.
     reseed_model(models["neox"], seed=5)
-    third, _ = _run(config)
+    third = _run(config)
     new = {f.split("/")[0] for f in _folders(config.workdir) - before}
     assert new == {"extract", "store", "fuse", "train", "evaluate", "compare", "register"}
     computed = {k: v for k, v in third["computed"].items() if v}
     assert computed == {
         "resolve-sources": 1,
-        "fetch-model": 1,
+        "fetch-model": 3,
         "extract": shards,
-        "merge-store": 1,
-        "fuse-data": 1,
+        "store": 1,
+        "fuse": 1,
         "train": 1,
         "evaluate": 2,
         "compare": 1,
+        "register": 1,
     }, third["states"]
     assert third["scores"]["baseline"] == first["scores"]["baseline"]
     assert third["scores"]["neox"] != first["scores"]["neox"]
@@ -147,15 +145,12 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
 
 
 def test_refusion_runs_only_when_inputs_changed(harness, fusion):
-    from flows.refusion import refusion
+    from fusellm.stages.registry import read_record
+    from fusellm_flows.refusion import refusion
 
     config, models, _ = fusion
-    from fusellm.pipeline import read_record
-
     if read_record(config) is None:  # run alone: make the first fusion
-        from flows.fuse import fuse
-
-        fuse(config)
+        _run(config)
     before = _folders(config.workdir)
     result = refusion(config=config)
     assert result == {"changed": [], "fused": False}
@@ -169,7 +164,7 @@ def test_refusion_runs_only_when_inputs_changed(harness, fusion):
 
 
 def test_refusion_needs_exactly_one_config(harness, fusion):
-    from flows.refusion import refusion
+    from fusellm_flows.refusion import refusion
 
     config, _, _ = fusion
     with pytest.raises(ValueError, match="exactly one of config or config_path"):
@@ -178,20 +173,18 @@ def test_refusion_needs_exactly_one_config(harness, fusion):
 
 def test_stage_flows_run_alone_from_the_cache(harness, fusion):
     """A stage deployed on its own reruns the stages before it as cache hits."""
-    from flows import stages
+    from fusellm.stages.registry import read_record
+    from fusellm_flows import stages
 
     config, _, _ = fusion
-    from fusellm.pipeline import read_record
-
     if read_record(config) is None:
-        from flows.fuse import fuse
-
-        fuse(config)
+        _run(config)
     before = _folders(config.workdir)
     out = stages.train(config)
     assert set(out["models"]) == {"fused", "baseline"}
     assert all(Path(m, "config.json").is_file() for m in out["models"].values())
-    states = {k: set(v) for k, v in out["states"].items() if k != "resolve-sources"}
+    steps = {"resolve-sources", "fetch-model"}  # checks that always run; no stage folder
+    states = {k: set(v) for k, v in out["states"].items() if k not in steps}
     assert states and all(v == {"Cached"} for v in states.values()), out["states"]
     assert _folders(config.workdir) == before
 
@@ -201,8 +194,8 @@ def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     import yaml
     from typer.testing import CliRunner
 
-    from fusellm.cli import app
     from fusellm.settings import embedded_defaults
+    from fusellm_flows.cli import app
 
     config, _, _ = fusion
     for name in embedded_defaults(tmp_path / "home"):  # restored after the test

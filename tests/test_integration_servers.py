@@ -181,7 +181,7 @@ def test_fusion_from_s3_tracked_in_mlflow_server(servers, s3_fusion):
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     config, _ = s3_fusion
-    from flows.fuse import fuse
+    from fusellm_flows.fuse import fuse
 
     storage = servers["root"] / "prefect" / "storage"
     with temporary_settings(

@@ -1,5 +1,5 @@
-"""Stage functions and content keys, without Prefect: folders appear once, complete, and only
-when an input's content or a parameter that matters changes."""
+"""Stage units without Prefect: folders appear once, complete, and only when an input's content
+or a parameter that matters changes (every field is covered by tests/test_stage_keys.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusellm import pipeline
 from fusellm.config import parse_fusion_config
 from fusellm.data.store import open_topk
+from fusellm.stages.base import Artifact, ModelFiles, StageError, build_stage, is_done, tokenizer_of
+from fusellm.stages.extraction import extract_key, extract_unit, store_key, store_unit
+from fusellm.stages.fusion import fuse_unit, vocab_unit
+from fusellm.stages.prepare import (
+    fetch_model,
+    pieces_key,
+    pieces_unit,
+    read_pieces,
+    resolve_identities,
+    shard_count,
+)
+from fusellm.stages.registry import changed_inputs, write_record
+from fusellm.stages.training import train_key, training_config
 from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
 
 
@@ -24,15 +36,13 @@ def setup(tmp_path_factory):
     data = fusion_dict(models, str(corpus), root / "work", "sqlite:///unused.db")
     data["extraction"]["shard_size"] = 8
     config = parse_fusion_config(data)
-    ids = pipeline.resolve_identities(config)
-    target = pipeline.fetch_model("target", config.target, ids["target"], config.workdir)
+    ids = resolve_identities(config)
+    target = fetch_model("target", config.target, ids["target"], config.workdir)
     sources = [
-        pipeline.fetch_model(n, r, ids[f"source:{n}"], config.workdir)
+        fetch_model(n, r, ids[f"source:{n}"], config.workdir)
         for n, r in zip(config.source_names, config.sources)
     ]
-    pieces = pipeline.make_pieces(
-        config, [target, *sources], ids["corpus"], config.workdir, progress=False
-    )
+    pieces = pieces_unit(config, [target, *sources], ids["corpus"], progress=False).run()
     return config, ids, target, sources, pieces
 
 
@@ -44,8 +54,8 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        pipeline.build_stage(tmp_path, "s", "k1", fails)
-    assert not pipeline.is_done(tmp_path, "s", "k1")
+        build_stage(tmp_path, "s", "k1", fails)
+    assert not is_done(tmp_path, "s", "k1")
     assert not (tmp_path / "s" / "k1").exists()
 
     def works(folder: Path) -> dict:
@@ -53,8 +63,8 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
         (folder / "out.txt").write_text("ok")
         return {"n": 1}
 
-    first = pipeline.build_stage(tmp_path, "s", "k1", works)
-    again = pipeline.build_stage(tmp_path, "s", "k1", works)
+    first = build_stage(tmp_path, "s", "k1", works)
+    again = build_stage(tmp_path, "s", "k1", works)
     assert calls == [["half.txt"]]
     assert first.path == again.path == tmp_path / "s" / "k1"
     assert again.info == {"n": 1} and (again.path / "out.txt").read_text() == "ok"
@@ -63,52 +73,49 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
 
 def test_keys_follow_content_and_relevant_parameters(setup):
     config, ids, target, sources, pieces = setup
-    base = pipeline.extract_key(target, pieces, 0, config)
-    assert base == pipeline.extract_key(target, pieces, 0, config)
-    assert base != pipeline.extract_key(target, pieces, 1, config)
-    assert base != pipeline.extract_key(sources[1], pieces, 0, config)
+    base = extract_key(target, pieces, 0, config)
+    assert base == extract_key(target, pieces, 0, config)
+    assert base != extract_key(target, pieces, 1, config)
+    assert base != extract_key(sources[1], pieces, 0, config)
     more_k = config.model_copy(
         update={"extraction": config.extraction.model_copy(update={"top_k": 5})}
     )
-    assert base != pipeline.extract_key(target, pieces, 0, more_k)
+    assert base != extract_key(target, pieces, 0, more_k)
     bigger_batch = config.model_copy(
         update={"extraction": config.extraction.model_copy(update={"batch_size": 16})}
     )
-    assert base == pipeline.extract_key(target, pieces, 0, bigger_batch)  # same numbers out
+    assert base == extract_key(target, pieces, 0, bigger_batch)  # same numbers out
     # Pieces depend on the tokenizers, not on weights: a retrained source keeps them.
-    retrained = pipeline.ModelFiles(
+    retrained = ModelFiles(
         "neox", sources[1].ref, sources[1].path, "local:other", sources[1].tokenizer
     )
-    assert pipeline.pieces_key(config, [target, sources[0], retrained], ids["corpus"]) == pieces.key
-    assert pipeline.pieces_key(config, [target, *sources], "changed-corpus") != pieces.key
-    fused_train = pipeline.train_key(target, pieces, config)
-    assert fused_train != pipeline.train_key(target, pieces, config, baseline=True)
-    assert pipeline.training_config(config, baseline=True).lam == 1.0
+    assert pieces_key(config, [target, sources[0], retrained], ids["corpus"]) == pieces.key
+    assert pieces_key(config, [target, *sources], "changed-corpus") != pieces.key
+    fused_train = train_key(target, pieces, pieces, config)
+    assert fused_train != train_key(target, pieces, pieces, config, baseline=True)
+    assert training_config(config, baseline=True).lam == 1.0
 
 
 def test_pieces_fit_every_tokenizer(setup):
     config, _, target, sources, pieces = setup
-    texts = pipeline.read_pieces(pieces)
+    texts = read_pieces(pieces)
     assert len(texts) == pieces.info["pieces"] > 8  # the documents had to be cut
     limit = config.pieces.block_size - config.pieces.margin
     for model in [target, *sources]:
-        tok = pipeline.tokenizer_of(model)
+        tok = tokenizer_of(model)
         assert max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts) <= limit
 
 
 def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
     config, _, target, sources, pieces = setup
-    n = pipeline.shard_count(pieces, config.extraction)
+    n = shard_count(pieces, config.extraction)
     assert n >= 2
-    shards = [
-        pipeline.extract_shard(target, pieces, i, config, config.workdir, progress=False)
-        for i in range(n)
-    ]
-    merged = pipeline.merge_stores(shards, pieces, config.workdir)
+    shards = [extract_unit(target, pieces, i, config, progress=False).run() for i in range(n)]
+    merged = store_unit(target, shards, pieces, config.workdir).run()
     store = open_topk(merged.path / "store")  # checksums verified on read
-    texts = pipeline.read_pieces(pieces)
+    texts = read_pieces(pieces)
     assert len(store) == len(texts) and len(store.manifest["shards"]) == n
-    tok = pipeline.tokenizer_of(target)
+    tok = tokenizer_of(target)
     for i in (0, len(texts) - 1):
         expected = tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert store[i].input_ids.tolist() == expected
@@ -120,26 +127,13 @@ def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
     )
 
     neox = sources[1]
-    neox_store = pipeline.merge_stores(
-        [
-            pipeline.extract_shard(neox, pieces, i, config, config.workdir, progress=False)
-            for i in range(n)
-        ],
-        pieces,
-        config.workdir,
-    )
-    vmap = pipeline.vocab_map(neox, target, config.workdir, progress=False)
+    neox_shards = [extract_unit(neox, pieces, i, config, progress=False).run() for i in range(n)]
+    neox_store = store_unit(neox, neox_shards, pieces, config.workdir).run()
+    vmap = vocab_unit(neox, target, config, progress=False).run()
     assert 0 < vmap.info["exact_rate"] <= 1
     assert json.loads((vmap.path / "stats.json").read_text())["source_vocab"] > 0
-    fused = pipeline.fuse_data(
-        pieces,
-        target,
-        merged,
-        [(neox, neox_store, vmap)],
-        config.fusion,
-        config.workdir,
-        progress=False,
-    )
+    fused = fuse_unit(pieces, target, merged, [(neox, neox_store, vmap)], config, progress=False)
+    fused = fused.run()
     stats = fused.info["sources_stats"]["neox"]
     assert 0 < stats["aligned_coverage"] <= 1 and 0 <= stats["min_ce_win_rate"] <= 1
     assert len(open_topk(fused.path / "store")) == len(texts)
@@ -147,26 +141,25 @@ def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
 
 def test_merge_refuses_stores_of_different_models(setup):
     config, _, target, sources, pieces = setup
-    a = pipeline.extract_shard(target, pieces, 0, config, config.workdir, progress=False)
-    b = pipeline.extract_shard(sources[1], pieces, 1, config, config.workdir, progress=False)
-    with pytest.raises(pipeline.StageError, match="differs"):
-        pipeline.merge_stores([a, b], pieces, config.workdir)
-    key = pipeline.stage_key("store", shards=[a.key, b.key], pieces=pieces.key)
-    assert not pipeline.is_done(config.workdir, "store", key)
+    a = extract_unit(target, pieces, 0, config, progress=False).run()
+    b = extract_unit(sources[1], pieces, 1, config, progress=False).run()
+    with pytest.raises(StageError, match="differs"):
+        store_unit(target, [a, b], pieces, config.workdir).run()
+    assert not is_done(config.workdir, "store", store_key([a, b], pieces))
 
 
 def test_run_record_tells_what_changed(setup):
     config, ids, *_ = setup
-    assert pipeline.changed_inputs(config, ids) is None  # never fused
-    pipeline.write_record(config, ids, {"scores": {}})
-    assert pipeline.changed_inputs(config, ids) == []
+    assert changed_inputs(config, ids) is None  # never fused
+    write_record(config, ids, {"scores": {}})
+    assert changed_inputs(config, ids) == []
     moved = {**ids, "source:neox": "local:new"}
-    assert pipeline.changed_inputs(config, moved) == ["source:neox"]
+    assert changed_inputs(config, moved) == ["source:neox"]
     other = config.model_copy(update={"name": "another"})
-    assert pipeline.changed_inputs(other, ids) is None  # another config has its own record
+    assert changed_inputs(other, ids) is None  # another config has its own record
 
 
 def test_missing_pieces_file_is_named(tmp_path):
-    broken = pipeline.Artifact("pieces", "k", tmp_path, {"pieces": 3})
-    with pytest.raises(pipeline.StageError, match="pieces.jsonl"):
-        pipeline.read_pieces(broken)
+    broken = Artifact("pieces", "k", tmp_path, {"pieces": 3})
+    with pytest.raises(StageError, match="pieces.jsonl"):
+        read_pieces(broken)

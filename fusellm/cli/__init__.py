@@ -1,12 +1,14 @@
-"""The `fusellm` command line. Each stage module contributes its own sub-command."""
+"""The `fusellm` command line of the library: each part contributes its own sub-command.
+
+The commands that run Prefect flows (`run`, `demo`) are added by `fusellm_flows.cli`, which is
+what the installed `fusellm` command is; the library itself never imports the flows.
+"""
 
 from __future__ import annotations
 
 import typer
 
-from fusellm.demo.run import demo_command
 from fusellm.evaluate.cli import eval_command
-from fusellm.cli.run import run_command
 from fusellm.train.cli import train_command
 from fusellm.cli.ui import ui_command
 
@@ -21,12 +23,6 @@ def version() -> None:
     typer.echo(__version__)
 
 
-app.command("demo")(demo_command)
-app.command("run")(run_command)
 app.command("ui")(ui_command)
 app.command("train")(train_command)
 app.command("eval")(eval_command)
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()

@@ -111,12 +111,6 @@ def heldout_texts() -> dict[str, list[str]]:
     return {d: load_split(d, "heldout", max_bytes=HELDOUT_BYTES) for d in DOMAINS}
 
 
-def _timed(times: dict, name: str, started: float) -> float:
-    now = time.perf_counter()
-    times[name] = round(now - started, 1)
-    return now
-
-
 def run_recipe(
     recipe: DemoRecipe,
     out: str | Path,
@@ -124,108 +118,52 @@ def run_recipe(
     sources: dict[str, Path] | None = None,
     progress: bool = True,
 ) -> dict:
-    """Fuse with the library alone and score every model; returns the table and timings."""
-    import torch
-    from transformers import AutoTokenizer
+    """Fuse with the library alone and score every model; returns the table and timings.
 
+    The same stages as the `fuse` flow (`fusellm.stages.pipeline.walk`, in this process, no
+    Prefect or MLflow) up to training; then bits per byte of every source, the CLM baseline and
+    the fused model on the fixed held-out texts. Stage folders under ``out/work`` are shared by
+    recipes: a recipe that changes only training reuses the pieces, extraction and fused data.
+    """
+    import torch
+
+    from fusellm.config import parse_fusion_config
     from fusellm.demo.heldout import bits_per_byte_table
+    from fusellm.demo.run import demo_config, write_corpus, write_eval_data
     from fusellm.demo.sources import build_sources
-    from fusellm.data.extract import extract_topk
-    from fusellm.data.fused_data import SourceData, build_fused_store
-    from fusellm.data.pieces import make_pieces
-    from fusellm.data.store import open_topk
-    from fusellm.train import train
-    from fusellm.method.vocab import build_vocab_map
+    from fusellm.stages.pipeline import Executor, walk
 
     torch.set_num_threads(2)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    times: dict[str, float] = {}
-    t = time.perf_counter()
+    started = time.perf_counter()
     paths = sources or build_sources(progress=progress).paths
-    if recipe.target not in paths:
-        raise ValueError(f"target {recipe.target!r} is not one of the sources {sorted(paths)}")
-    t = _timed(times, "sources", t)
-    tokenizers = {name: AutoTokenizer.from_pretrained(p) for name, p in paths.items()}
-    pieces = make_pieces(
-        fusion_texts(recipe),
-        list(tokenizers.values()),
-        recipe.block_size,
-        recipe.margin,
-        progress=progress,
+    write_corpus(out / "data" / "corpus.jsonl", recipe)
+    write_eval_data(out / "data" / "eval")
+    raw = demo_config(
+        recipe,
+        paths,
+        corpus=out / "data" / "corpus.jsonl",
+        eval_dir=out / "data" / "eval",
+        workdir=out / "work",
     )
-    t = _timed(times, "pieces", t)
-    stores = {}
-    for name, path in paths.items():
-        from fusellm.demo.heldout import load_model
-
-        model, tokenizer = load_model(path)
-        folder = out / "extract" / (name if recipe.top_k == 10 else f"{name}-k{recipe.top_k}")
-        if not (folder / "manifest.json").is_file():
-            extract_topk(
-                model,
-                tokenizer,
-                pieces,
-                folder,
-                top_k=recipe.top_k,
-                max_length=recipe.block_size,
-                progress=progress,
-            )
-        stores[name] = open_topk(folder)
-    t = _timed(times, "extract", t)
-    target_tok = tokenizers[recipe.target]
-    others = [
-        SourceData(
-            name,
-            tokenizers[name],
-            stores[name],
-            build_vocab_map(tokenizers[name], target_tok, cache_dir=out, progress=False),
-        )
-        for name in paths
-        if name != recipe.target
-    ]
-    fused_dir = out / "fused-data" / f"{recipe.method}-{recipe.granularity}-{recipe.ce_unit}"
-    if recipe.top_k != 10:
-        fused_dir = fused_dir.with_name(f"{fused_dir.name}-k{recipe.top_k}")
-    if (fused_dir / "manifest.json").is_file():
-        fused_manifest = json.loads((fused_dir / "manifest.json").read_text())
-    else:
-        fused_manifest = build_fused_store(
-            pieces,
-            target_tok,
-            stores[recipe.target],
-            others,
-            fused_dir,
-            method=recipe.method,
-            granularity=recipe.granularity,
-            ce_unit=recipe.ce_unit,
-            top_k=recipe.top_k,
-            progress=progress,
-        )
-    t = _timed(times, "fuse", t)
-    tag = f"lr{recipe.learning_rate}-b{recipe.batch}-s{recipe.steps}-t{recipe.temperature}"
-    trained = {}
-    for name, lam in (("clm-baseline", 1.0), ("fused", recipe.lam)):
-        run_dir = (
-            out / "train" / f"{name}-{tag}" / (f"lam{lam}" + ("" if lam == 1 else fused_dir.name))
-        )
-        if not (run_dir / "model" / "config.json").is_file():
-            train(recipe.train_fields(lam), paths[recipe.target], fused_dir, run_dir, resume=False)
-        trained[name] = run_dir / "model"
-        t = _timed(times, f"train-{name}", t)
-    table = bits_per_byte_table({**paths, **trained}, heldout_texts(), progress=progress)
-    t = _timed(times, "evaluate", t)
+    raw["tracking"]["register_model"] = False
+    ex = Executor()
+    done = walk(parse_fusion_config(raw), ex, until="train")
+    fused_at = time.perf_counter()
+    models = {**paths, **{label: a.path / "model" for label, a in done.trained.items()}}
+    table = bits_per_byte_table(models, heldout_texts(), progress=progress)
     for row in table.values():
         row["mean"] = sum(row[d] for d in DOMAINS) / len(DOMAINS)
-    stats = fused_manifest.get("sources_stats") or fused_manifest.get("meta", {}).get(
-        "sources_stats"
-    )
     return {
         "recipe": recipe.model_dump(),
-        "pieces": len(pieces),
+        "pieces": done.pieces.info["pieces"],
         "table": table,
-        "fused_stats": stats,
-        "seconds": times,
+        "fused_stats": done.fused_data.info["sources_stats"],
+        "states": ex.tally.as_dict(),
+        "seconds": {
+            "fusion": round(fused_at - started, 1),
+            "evaluate": round(time.perf_counter() - fused_at, 1),
+        },
     }
 
 

@@ -22,11 +22,11 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import Callable
 
-import typer
 import yaml
 
+from fusellm.config import FusionConfig
 from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE, DemoRecipe
 from fusellm.io.files import write_text_atomic
 
@@ -163,6 +163,7 @@ def flow_suite_results(run_id: str, suite: str = "local") -> dict[str, dict]:
 
 
 def run_demo(
+    fuse: Callable[[FusionConfig], dict],
     out: str | Path = "fusellm-demo",
     *,
     recipe: DemoRecipe = DEFAULT_DEMO_RECIPE,
@@ -171,7 +172,11 @@ def run_demo(
     home: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Build, fuse, evaluate and report; returns the report mapping (see `fusellm.demo.report`)."""
+    """Build, fuse, evaluate and report; returns the report mapping (see `fusellm.demo.report`).
+
+    `fuse` runs the fusion and returns its summary: the Prefect `fuse` flow (flows/fuse.py),
+    handed in by the command line so that the library never imports the orchestration.
+    """
     from rich.console import Console
 
     from fusellm.config import parse_fusion_config
@@ -205,8 +210,6 @@ def run_demo(
     config = parse_fusion_config(raw, source=str(config_path))
     console.print(f"wrote {config_path}")
     console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
-    from flows.fuse import fuse
-
     summary = fuse(config)
     console.rule("[bold]5/5 report")
     results = flow_suite_results(summary["run_id"])
@@ -240,15 +243,3 @@ def _print_end(console, report: dict, paths: dict, home) -> None:
     for name, command in ui_commands(home).items():
         console.print(f"{name} UI: [cyan]{command}[/]", soft_wrap=True)
 
-
-def demo_command(
-    out: Annotated[
-        Path, typer.Option("--out", help="folder for config, data, runs, report")
-    ] = Path("fusellm-demo"),
-    seed: Annotated[int, typer.Option(help="seeds sources and training")] = 0,
-    home: Annotated[
-        Path | None, typer.Option("--home", help="data folder for Prefect and MLflow state")
-    ] = None,
-) -> None:
-    """Run the miniature FuseLLM demo on this CPU and write fusellm-demo/report.{json,md,png}."""
-    run_demo(out, recipe=DEFAULT_DEMO_RECIPE.model_copy(update={"seed": seed}), home=home)

@@ -1,1 +1,2 @@
-"""The fusion stages, one module per concept; `fusellm.pipeline` gathers them in one namespace."""
+"""The fusion stages: one module per stage (its content key and how it is built), the walk that
+runs them in order (`fusellm.stages.pipeline`), and the folders that cache them (`base`)."""

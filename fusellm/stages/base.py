@@ -1,17 +1,18 @@
-"""The fusion stages as plain functions over content-addressed folders (no orchestration here).
+"""Content-addressed stage folders: the one cache of every fusion stage.
 
-Every stage writes to ``<workdir>/<stage>/<key>``, where the key hashes the code version, the
-content identities of the stage's inputs and its parameters. The folder is built under a
-temporary name (``.<key>.partial``) and renamed when complete, with ``stage.json`` inside saying
-what it holds; if the folder exists the stage returns at once. So a re-run recomputes only what
-changed, a killed stage never leaves a folder that looks finished, and the same keys serve as
-the orchestrator's cache keys. The partial name is stable on purpose: extraction, fusion and
-training resume from what an interrupted attempt left there.
+Every stage writes to ``<workdir>/<stage>/<key>``. The key hashes the stage's code version,
+the content identities of its inputs and the parameters that change its result
+(`stage_key`); each stage computes it in exactly one function, next to the code that builds
+it. The folder is built under a temporary name (``.<key>.partial``) and renamed when
+complete, with ``stage.json`` inside saying what it holds; if the folder exists the stage
+returns at once. So a re-run recomputes only what changed, a killed stage never leaves a
+folder that looks finished, and deleting a work folder simply recomputes it: no other cache
+(Prefect's included) can hand back a path that no longer exists. The partial name is stable
+on purpose: extraction, fusion and training resume from what an interrupted attempt left.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -21,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from fusellm.io.files import write_json_atomic
 from fusellm.io.fingerprint import sha256_json
-from fusellm.io.sources import ModelRef, write_json_atomic
+from fusellm.io.sources import ModelRef
+from fusellm.stages import versions
 
 log = logging.getLogger(__name__)
 
@@ -33,35 +36,32 @@ class StageError(RuntimeError):
     """A stage's input is missing or inconsistent; the message names the folder or field."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Keys and folders
-
-
-@functools.lru_cache(maxsize=1)
-def code_hash() -> str:
-    """Hash of the library's own source and data files: new code never reuses old outputs."""
-    root = Path(__file__).resolve().parent
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix in (".py", ".yaml", ".yml") and "__pycache__" not in p.parts
-    )
-    return sha256_json({p.relative_to(root).as_posix(): p.read_bytes().hex() for p in files})[:16]
-
-
 def stage_key(stage: str, **parts) -> str:
-    """Content key of a stage output: code version + inputs' identities + parameters."""
-    return sha256_json({"stage": stage, "code": code_hash(), **parts})[:24]
+    """Content key of a stage output: its code version, library versions, inputs, parameters."""
+    return sha256_json(
+        {
+            "stage": stage,
+            "version": versions.version(stage),
+            "libraries": versions.libraries(stage),
+            **parts,
+        }
+    )[:24]
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """A finished stage output: which stage, its content key, and the folder holding it."""
+    """A stage output: which stage, its content key, its folder, and what `stage.json` says.
+
+    `reused`: the folder existed before this run asked for it. `done`: False only for the
+    answers of a plan, which looks at folders without building them.
+    """
 
     stage: str
     key: str
     path: Path
     info: dict = field(default_factory=dict, compare=False)
+    reused: bool = field(default=False, compare=False)
+    done: bool = field(default=True, compare=False)
 
 
 def stage_path(workdir: Path, stage: str, key: str) -> Path:
@@ -72,12 +72,16 @@ def is_done(workdir: Path, stage: str, key: str) -> bool:
     return (stage_path(workdir, stage, key) / STAGE_FILE).is_file()
 
 
+def _finished(final: Path, stage: str, key: str) -> Artifact:
+    info = json.loads((final / STAGE_FILE).read_text())["info"]
+    return Artifact(stage, key, final, info, reused=True)
+
+
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:
     """Return the finished folder for (stage, key), building it first if it does not exist."""
     final = stage_path(workdir, stage, key)
     if (final / STAGE_FILE).is_file():
-        info = json.loads((final / STAGE_FILE).read_text())["info"]
-        return Artifact(stage, key, final, info)
+        return _finished(final, stage, key)
     partial = final.with_name(f".{key}.partial")
     partial.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -92,8 +96,33 @@ def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dic
     return Artifact(stage, key, final, info)
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One unit of stage work: what it is, its content key, and how to build it.
+
+    Stage modules make units (key and build side by side); an executor decides how a unit
+    runs (in this process, as a Prefect task) or only looks whether it is done (a plan).
+    """
+
+    stage: str
+    key: str
+    label: str
+    workdir: Path
+    build: Callable[[Path], dict] = field(repr=False, compare=False)
+
+    def run(self) -> Artifact:
+        return build_stage(self.workdir, self.stage, self.key, self.build)
+
+    def peek(self) -> Artifact:
+        """The artifact if its folder is finished, else a not-done answer (nothing is built)."""
+        final = stage_path(self.workdir, self.stage, self.key)
+        if (final / STAGE_FILE).is_file():
+            return _finished(final, self.stage, self.key)
+        return Artifact(self.stage, self.key, final, {}, done=False)
+
+
 # ---------------------------------------------------------------------------------------------
-# Sources
+# Models as the stages see them
 
 
 @dataclass(frozen=True)

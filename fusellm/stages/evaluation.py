@@ -5,34 +5,63 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.io.sources import local_identity
-from fusellm.stages.base import Artifact, StageError, build_stage, device_for, stage_key
+from fusellm.stages.base import Artifact, StageError, Unit, device_for, stage_key
+
+
+def _hub_revision(dataset_path: str) -> str:
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(dataset_path).sha
+
+
+def suite_data_identity(suite: str, data_dir: Path | None) -> dict:
+    """What a suite reads, by content: local files by their hash, Hub datasets by revision.
+
+    Missing data raises the suite's own error (naming every file) before any model loads.
+    Tasks left out for want of a toolchain are listed: they change the suite's average.
+    """
+    from fusellm.evaluate.data import EvalDataSource
+    from fusellm.evaluate.suites import resolve
+    from fusellm.io.files import sha256_file
+
+    data = EvalDataSource(data_dir=data_dir) if data_dir is not None else None
+    resolved = resolve(suite, data)
+    tasks = {}
+    for member in resolved.spec["task"]:
+        files = (member.get("dataset_kwargs") or {}).get("data_files")
+        if files:
+            tasks[member["task"]] = {split: sha256_file(p) for split, p in sorted(files.items())}
+        else:
+            from fusellm.evaluate.suites import task_data, task_manager
+
+            item = task_data(task_manager(suite), member["task"], {})
+            tasks[member["task"]] = f"{item.dataset_path}@{_hub_revision(item.dataset_path)}"
+    return {"tasks": tasks, "skipped": sorted(resolved.skipped)}
 
 
 def evaluate_key(model_key: str, label: str, suite: str, config: FusionConfig) -> str:
+    """Scores depend on the model, the suite's tasks and data (by content) and the limits."""
     ev = config.evaluation
-    data = local_identity(ev.data_dir) if ev.data_dir is not None else "hub"
     return stage_key(
         "evaluate",
         model=model_key,
         label=label,
         suite=suite,
-        data=data,
+        data=suite_data_identity(suite, ev.data_dir),
         limit=ev.limit,
         max_gen_toks=ev.max_gen_toks,
     )
 
 
-def evaluate_model(
+def evaluate_unit(
     model_dir: Path,
     model_key: str,
     label: str,
     suite: str,
     config: FusionConfig,
-    workdir: Path,
     *,
     trust_remote_code: bool = False,
-) -> Artifact:
+) -> Unit:
     """Score one model on one suite with lm-eval; keeps results and lm-eval's sample logs."""
     from fusellm.evaluate import run_suite
 
@@ -59,23 +88,23 @@ def evaluate_model(
         }
 
     key = evaluate_key(model_key, label, suite, config)
-    return build_stage(workdir, "evaluate", key, build)
+    return Unit("evaluate", key, f"evaluate-{label}-{suite}", config.workdir, build)
 
 
-def compare_key(results: dict[str, dict[str, Artifact]]) -> str:
+Results = dict[str, dict[str, Artifact]]  # model label -> suite -> evaluation
+
+
+def compare_key(results: Results, fused: str, baseline: str, sources: list[str]) -> str:
     return stage_key(
         "compare",
         results={label: {s: a.key for s, a in suites.items()} for label, suites in results.items()},
+        roles={"fused": fused, "baseline": baseline, "sources": sources},
     )
 
 
-def compare_models(
-    results: dict[str, dict[str, Artifact]],
-    fused: str,
-    baseline: str,
-    sources: list[str],
-    workdir: Path,
-) -> Artifact:
+def compare_unit(
+    results: Results, fused: str, baseline: str, sources: list[str], workdir: Path
+) -> Unit:
     """The fused vs sources vs CLM baseline table (markdown) and chart (PNG)."""
     from fusellm.evaluate import SuiteResult, compare
 
@@ -90,11 +119,17 @@ def compare_models(
         compare(loaded, fused, baseline, sources, folder)
         return {"fused": fused, "baseline": baseline, "sources": sources}
 
-    return build_stage(workdir, "compare", compare_key(results), build)
+    key = compare_key(results, fused, baseline, sources)
+    return Unit("compare", key, "compare", workdir, build)
 
 
-def primary_scores(results: dict[str, dict[str, Artifact]], suite: str) -> dict[str, float]:
-    """Each model's average of the primary suite's own metric (what decides the champion)."""
+def primary_scores(results: Results, suite: str) -> dict[str, float] | None:
+    """Each model's average of the primary suite's own metric (what decides the champion).
+
+    None when some evaluation is not done yet (a plan).
+    """
+    if not all(suites[suite].done for suites in results.values()):
+        return None
     out = {}
     for label, suites in results.items():
         value = suites[suite].info.get("average")
@@ -104,3 +139,4 @@ def primary_scores(results: dict[str, dict[str, Artifact]], suite: str) -> dict[
             )
         out[label] = float(value)
     return out
+

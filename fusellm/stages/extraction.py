@@ -9,7 +9,7 @@ from fusellm.stages.base import (
     Artifact,
     ModelFiles,
     StageError,
-    build_stage,
+    Unit,
     device_for,
     stage_key,
     tokenizer_of,
@@ -17,7 +17,12 @@ from fusellm.stages.base import (
 from fusellm.stages.prepare import read_pieces
 
 
-def extract_key(model: ModelFiles, pieces: Artifact, shard: int, config: FusionConfig) -> str:
+def extract_key(model: ModelFiles, pieces: Artifact, shard: int | None, config: FusionConfig) -> str:
+    """What decides a shard's top-k: the model, the pieces, which shard, and what is kept.
+
+    Not the batch size or the device: they change the numbers only by float rounding, and a
+    new batch size must not cost a re-extraction.
+    """
     e = config.extraction
     return stage_key(
         "extract",
@@ -31,16 +36,18 @@ def extract_key(model: ModelFiles, pieces: Artifact, shard: int, config: FusionC
     )
 
 
-def extract_shard(
+def extract_unit(
     model: ModelFiles,
     pieces: Artifact,
-    shard: int,
+    shard: int | None,
     config: FusionConfig,
-    workdir: Path,
     *,
     progress: bool = True,
-) -> Artifact:
-    """Top-k distributions of one model over one shard of the pieces (one unit of parallel work)."""
+) -> Unit:
+    """Top-k distributions of one model over one shard of the pieces (one unit of parallel work).
+
+    `shard` None stands for "every shard" in a plan made before the pieces exist.
+    """
     from fusellm.data.extract import extract_topk
     from fusellm.io.sources import load_model
 
@@ -71,10 +78,16 @@ def extract_shard(
             "bytes": manifest["bytes"],
         }
 
-    return build_stage(workdir, "extract", extract_key(model, pieces, shard, config), build)
+    label = f"extract-{model.name}-shard-{'all' if shard is None else shard}"
+    key = extract_key(model, pieces, shard, config)
+    return Unit("extract", key, label, config.workdir, build)
 
 
-def merge_stores(shards: list[Artifact], pieces: Artifact, workdir: Path) -> Artifact:
+def store_key(shards: list[Artifact], pieces: Artifact) -> str:
+    return stage_key("store", shards=[s.key for s in shards], pieces=pieces.key)
+
+
+def store_unit(model: ModelFiles, shards: list[Artifact], pieces: Artifact, workdir: Path) -> Unit:
     """One store over all pieces from per-shard stores: shard files are hard-linked, not copied."""
     from fusellm.data.store import StoreError, concat_stores
 
@@ -93,5 +106,4 @@ def merge_stores(shards: list[Artifact], pieces: Artifact, workdir: Path) -> Art
             )
         return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"]}
 
-    key = stage_key("store", shards=[s.key for s in shards], pieces=pieces.key)
-    return build_stage(workdir, "store", key, build)
+    return Unit("store", store_key(shards, pieces), f"store-{model.name}", workdir, build)

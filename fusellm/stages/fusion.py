@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusellm.config import FusionOptions
-from fusellm.io.sources import write_json_atomic
-from fusellm.stages.base import Artifact, ModelFiles, build_stage, stage_key, tokenizer_of
+from fusellm.config import FusionConfig
+from fusellm.io.files import write_json_atomic
+from fusellm.stages.base import Artifact, ModelFiles, Unit, stage_key, tokenizer_of
 from fusellm.stages.prepare import read_pieces
 
 
-def vocab_map(
-    source: ModelFiles, target: ModelFiles, workdir: Path, *, progress: bool = True
-) -> Artifact:
-    """The source -> target vocabulary map (MinED) and its statistics."""
+def vocab_key(source: ModelFiles, target: ModelFiles) -> str:
+    """A map depends on the two tokenizers only, never on weights."""
+    return stage_key("vocab", source=source.tokenizer, target=target.tokenizer)
+
+
+def vocab_unit(
+    source: ModelFiles, target: ModelFiles, config: FusionConfig, *, progress: bool = True
+) -> Unit:
+    """The source -> target vocabulary map and its statistics."""
     from fusellm.method.vocab import build_vocab_map
 
     def build(folder: Path) -> dict:
@@ -23,28 +28,42 @@ def vocab_map(
         write_json_atomic(folder / "stats.json", stats)
         return stats
 
-    key = stage_key("vocab", source=source.tokenizer, target=target.tokenizer)
-    return build_stage(workdir, "vocab", key, build)
+    key = vocab_key(source, target)
+    return Unit("vocab", key, f"vocab-map-{source.name}", config.workdir, build)
 
 
-def fuse_data(
+SourceInputs = tuple[ModelFiles, Artifact, Artifact]  # (model, merged store, vocabulary map)
+
+
+def fuse_key(
+    pieces: Artifact, target_store: Artifact, sources: list[SourceInputs], config: FusionConfig
+) -> str:
+    """The fused store depends on every input store and map, the fusion options, the alignment."""
+    return stage_key(
+        "fuse",
+        pieces=pieces.key,
+        target=target_store.key,
+        options=config.fusion.model_dump(mode="json"),
+        alignment=config.alignment.model_dump(mode="json"),
+        sources=[[m.name, s.key, v.key] for m, s, v in sources],
+    )
+
+
+def fuse_unit(
     pieces: Artifact,
     target: ModelFiles,
     target_store: Artifact,
-    sources: list[tuple[ModelFiles, Artifact, Artifact]],
-    options: FusionOptions,
-    workdir: Path,
+    sources: list[SourceInputs],
+    config: FusionConfig,
     *,
-    alignment: str = "offsets",
     progress: bool = True,
-) -> Artifact:
-    """Align every source to the target and fuse the distributions into the training store.
-
-    `sources`: (model, merged store, vocabulary map) per source.
-    """
+) -> Unit:
+    """Align every source to the target and fuse the distributions into the training store."""
     from fusellm.data.fused_data import SourceData, build_fused_store
     from fusellm.data.store import open_topk
     from fusellm.method.vocab import VocabMap
+
+    options = config.fusion
 
     def build(folder: Path) -> dict:
         data = [
@@ -65,7 +84,7 @@ def fuse_data(
             method=options.method,
             granularity=options.granularity,
             ce_unit=options.ce_unit,
-            alignment=alignment,
+            alignment=config.alignment.method,
             shard_size=options.shard_size,
             progress=progress,
         )
@@ -76,12 +95,5 @@ def fuse_data(
             "bytes": manifest["bytes"],
         }
 
-    key = stage_key(
-        "fuse",
-        pieces=pieces.key,
-        target=target_store.key,
-        options=options.model_dump(),
-        alignment=alignment,
-        sources=[[m.name, s.key, v.key] for m, s, v in sources],
-    )
-    return build_stage(workdir, "fuse", key, build)
+    key = fuse_key(pieces, target_store, sources, config)
+    return Unit("fuse", key, "fuse-data", config.workdir, build)

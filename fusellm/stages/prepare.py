@@ -8,14 +8,7 @@ from pathlib import Path
 from fusellm.config import ExtractionConfig, FusionConfig
 from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
 from fusellm.io.sources import ModelRef
-from fusellm.stages.base import (
-    Artifact,
-    ModelFiles,
-    StageError,
-    build_stage,
-    stage_key,
-    tokenizer_of,
-)
+from fusellm.stages.base import Artifact, ModelFiles, StageError, Unit, stage_key, tokenizer_of
 
 PIECES_FILE = "pieces.jsonl"
 
@@ -43,6 +36,7 @@ def fetch_model(name: str, ref: ModelRef, identity: str, workdir: Path) -> Model
 
 
 def pieces_key(config: FusionConfig, models: list[ModelFiles], corpus_identity: str) -> str:
+    """Pieces depend on the corpus, the tokenizers (not the weights) and how texts are cut."""
     return stage_key(
         "pieces",
         corpus=corpus_identity,
@@ -51,20 +45,19 @@ def pieces_key(config: FusionConfig, models: list[ModelFiles], corpus_identity: 
     )
 
 
-def make_pieces(
+def pieces_unit(
     config: FusionConfig,
     models: list[ModelFiles],
     corpus_identity: str,
-    workdir: Path,
     *,
     progress: bool = True,
-) -> Artifact:
-    """Cut the corpus into pieces every model's tokenizer fits in the block (DESIGN.md §2.1)."""
+) -> Unit:
+    """Cut the corpus into pieces every model's tokenizer fits in the block (docs/design.md)."""
     from fusellm.io.corpus import check_corpus, iter_documents
     from fusellm.data.pieces import split_texts
 
     def build(folder: Path) -> dict:
-        cache = Path(workdir) / "cache"
+        cache = Path(config.workdir) / "cache"
         check_corpus(config.corpus, cache)
         tokenizers = [tokenizer_of(m) for m in models]
         result = split_texts(
@@ -87,7 +80,7 @@ def make_pieces(
         }
 
     key = pieces_key(config, models, corpus_identity)
-    return build_stage(workdir, "pieces", key, build)
+    return Unit("pieces", key, "pieces", config.workdir, build)
 
 
 def read_pieces(pieces: Artifact) -> list[str]:
@@ -97,5 +90,8 @@ def read_pieces(pieces: Artifact) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def shard_count(pieces: Artifact, extraction: ExtractionConfig) -> int:
+def shard_count(pieces: Artifact, extraction: ExtractionConfig) -> int | None:
+    """Extraction shards over the pieces; None while the pieces are not made (a plan)."""
+    if not pieces.done:
+        return None
     return -(-int(pieces.info["pieces"]) // extraction.shard_size)

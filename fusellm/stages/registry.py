@@ -8,20 +8,31 @@ from pathlib import Path
 
 from fusellm.config import FusionConfig
 from fusellm.io.fingerprint import sha256_json
-from fusellm.io.sources import write_json_atomic
-from fusellm.stages.base import Artifact, build_stage, stage_key
+from fusellm.io.files import write_json_atomic
+from fusellm.stages.base import Artifact, Unit, stage_key
 
 
-def register_fused(
-    fused: Artifact, scores: dict[str, float], config: FusionConfig, workdir: Path
-) -> Artifact:
+def register_key(fused: Artifact, scores: dict[str, float] | None, config: FusionConfig) -> str:
+    """One registration per (model, scores, registry, champion rule)."""
+    import mlflow
+
+    return stage_key(
+        "register",
+        model=fused.key,
+        scores=scores,
+        name=config.tracking.registered_model,
+        registry=mlflow.get_registry_uri(),
+        primary_suite=config.primary_suite,
+        lower_is_better=config.lower_is_better(),
+    )
+
+
+def register_unit(fused: Artifact, scores: dict[str, float] | None, config: FusionConfig) -> Unit:
     """Log and register the fused model once per (model, scores, registry); champion decided there.
 
     Keyed like every stage, so re-running unchanged work does not pile up identical versions.
     Needs an open MLflow run (`fusellm.tracking.fusion_run`).
     """
-    import mlflow
-
     from fusellm import tracking
 
     suite = config.primary_suite
@@ -47,14 +58,7 @@ def register_fused(
             "model_uri": result.model_uri,
         }
 
-    key = stage_key(
-        "register",
-        model=fused.key,
-        scores=scores,
-        name=config.tracking.registered_model,
-        registry=mlflow.get_registry_uri(),
-    )
-    return build_stage(workdir, "register", key, build)
+    return Unit("register", register_key(fused, scores, config), "register", config.workdir, build)
 
 
 RECORD = "last_fusion.json"

@@ -6,7 +6,19 @@ import shutil
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.stages.base import Artifact, ModelFiles, build_stage, stage_key
+from fusellm.stages import versions
+from fusellm.stages.base import Artifact, ModelFiles, Unit, stage_key
+
+# How training is carried out, not what it computes: with exact resume and the same global
+# batch these change the weights by float rounding at most, so they are not in the key.
+SCHEDULING_FIELDS = {
+    "checkpoint_every",
+    "keep_checkpoints",
+    "micro_batch",
+    "zero_stage",
+    "gradient_checkpointing",
+}
+FUSION_ONLY_FIELDS = {"temperature"}  # no fusion term at lam = 1: the baseline ignores them
 
 
 def training_config(config: FusionConfig, *, baseline: bool = False):
@@ -16,26 +28,40 @@ def training_config(config: FusionConfig, *, baseline: bool = False):
 
 
 def train_key(
-    target: ModelFiles, data: Artifact, config: FusionConfig, *, baseline: bool = False
-) -> str:
-    training = training_config(config, baseline=baseline)
-    return stage_key(
-        "train", target=target.identity, data=data.key, training=training.model_dump(mode="json")
-    )
-
-
-def train_model(
     target: ModelFiles,
     data: Artifact,
+    pieces: Artifact,
     config: FusionConfig,
-    workdir: Path,
     *,
     baseline: bool = False,
-) -> Artifact:
+) -> str:
+    """The fused model depends on the fused store; the baseline only on the target's token ids.
+
+    The baseline (lam = 1) reads the target's own extraction store, but only its token ids
+    count, and those follow from the pieces, the target's tokenizer and the extraction code:
+    a new top-k or a changed source never retrains it.
+    """
+    ignored = SCHEDULING_FIELDS | (FUSION_ONLY_FIELDS if baseline else set())
+    training = training_config(config, baseline=baseline).model_dump(mode="json", exclude=ignored)
+    if baseline:
+        inputs = {"pieces": pieces.key, "tokenizer": target.tokenizer}
+        inputs["extract_version"] = versions.version("extract")
+    else:
+        inputs = {"fused": data.key}
+    return stage_key("train", target=target.identity, data=inputs, training=training)
+
+
+def train_unit(
+    target: ModelFiles,
+    data: Artifact,
+    pieces: Artifact,
+    config: FusionConfig,
+    *,
+    baseline: bool = False,
+) -> Unit:
     """Continual training of the target: fused objective, or plain CLM (lam = 1) for the baseline.
 
-    The baseline reads the target's own extraction store: with lam = 1 only its token ids count,
-    so a changed source never retrains it.
+    `data`: the fused store, or for the baseline the target's own extraction store.
     """
     from fusellm.train import train
 
@@ -51,4 +77,6 @@ def train_model(
             "lam": training.lam,
         }
 
-    return build_stage(workdir, "train", train_key(target, data, config, baseline=baseline), build)
+    key = train_key(target, data, pieces, config, baseline=baseline)
+    label = "train-baseline" if baseline else "train-fused"
+    return Unit("train", key, label, config.workdir, build)

@@ -1,0 +1,357 @@
+"""The fusion, written once: its stages in order, what each takes and what it hands on.
+
+Every way of running a fusion walks `walk`: the Prefect `fuse` flow and the per-stage flows
+(through an executor that makes each unit a Prefect task), the library runner used by the
+demo's recipe experiments (`Executor`, in this process), and the plan (`PlanExecutor`, which
+builds nothing and reports which stage folders exist). What differs is only how a unit of
+stage work is carried out and where its numbers are logged.
+
+    prepare   resolve identities, fetch models, cut the corpus into pieces
+    extract   top-k per model x shard, merged into one store per model
+    align_fuse  vocabulary map per source, aligned and fused training store
+    train     the fused model and the CLM baseline (lam = 1)
+    evaluate  every suite on the fused model, the baseline and each source; the comparison
+    register  the fused model in MLflow, champion or challenger
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+from fusellm.config import FusionConfig
+from fusellm.stages.base import Artifact, ModelFiles, Unit
+from fusellm.stages.evaluation import Results, compare_unit, evaluate_unit, primary_scores
+from fusellm.stages.extraction import extract_unit, store_unit
+from fusellm.stages.fusion import fuse_unit, vocab_unit
+from fusellm.stages.prepare import fetch_model, pieces_unit, resolve_identities, shard_count
+from fusellm.stages.registry import register_unit
+from fusellm.stages.training import train_unit
+
+STAGES = ("prepare", "extract", "align_fuse", "train", "evaluate", "register")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where numbers go, and how units run
+
+
+class NullTracker:
+    """Logs nothing: the library runner and the plan."""
+
+    def stage(self, name: str, params: dict | None = None):
+        return nullcontext()
+
+    def metrics(self, values: dict, *, prefix: str, step: int | None = None) -> None:
+        pass
+
+    def json(self, obj, artifact_file: str) -> None:
+        pass
+
+    def artifact(self, path, artifact_path: str) -> None:
+        pass
+
+    def tags(self, tags: dict) -> None:
+        pass
+
+
+class MlflowTracker(NullTracker):
+    """Nested MLflow stage runs under the open fusion run (`fusellm.tracking`)."""
+
+    @contextmanager
+    def stage(self, name: str, params: dict | None = None):
+        from fusellm import tracking
+
+        with tracking.stage_run(name, params=params) as run_id:
+            yield run_id
+
+    def metrics(self, values: dict, *, prefix: str, step: int | None = None) -> None:
+        from fusellm import tracking
+
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        if numbers:
+            tracking.log_metrics(numbers, step=step, prefix=prefix)
+
+    def json(self, obj, artifact_file: str) -> None:
+        from fusellm import tracking
+
+        tracking.log_json(obj, artifact_file)
+
+    def artifact(self, path, artifact_path: str) -> None:
+        from fusellm import tracking
+
+        tracking.log_artifact(path, artifact_path)
+
+    def tags(self, tags: dict) -> None:
+        """On the open fusion run; a stage flow run on its own has none, and skips them."""
+        from fusellm import tracking
+
+        if tracking.current_run_id() is not None:
+            tracking.set_tags(tags)
+
+
+@dataclass
+class TaskTally:
+    """Stage or step name -> how each of its runs ended (``Completed``: computed,
+    ``Cached``: its folder existed), in the order they finished."""
+
+    states: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, name: str, state: str) -> None:
+        self.states[name].append(state)
+
+    def computed(self) -> dict[str, int]:
+        """How many runs of each stage did real work (not a reuse)."""
+        return {k: sum(s != "Cached" for s in v) for k, v in self.states.items()}
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in self.states.items()}
+
+
+def state_name(artifact: Artifact) -> str:
+    return "Cached" if artifact.reused else "Completed"
+
+
+class Executor:
+    """Runs every unit in this process, one after the other, logging nowhere."""
+
+    def __init__(self, tracker: NullTracker | None = None):
+        self.tracker = tracker or NullTracker()
+        self.tally = TaskTally()
+
+    def call(self, name: str, fn: Callable, *args):
+        """A step that is not a stage folder (resolving identities, fetching a model)."""
+        self.tally.add(name, "Completed")
+        return fn(*args)
+
+    def run(self, unit: Unit) -> Artifact:
+        artifact = unit.run()
+        self.tally.add(unit.stage, state_name(artifact))
+        return artifact
+
+    def run_all(self, units: list[Unit]) -> list[Artifact]:
+        """Independent units (extraction shards, vocabulary maps): may run in parallel."""
+        return [self.run(u) for u in units]
+
+
+class PlanExecutor(Executor):
+    """Builds nothing: answers each unit with its folder if finished, else a not-done artifact.
+
+    `units` lists every unit the fusion would need, in order, with whether it is done.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.units: list[tuple[Unit, Artifact]] = []
+
+    def run(self, unit: Unit) -> Artifact:
+        artifact = unit.peek()
+        self.units.append((unit, artifact))
+        return artifact
+
+    def pending(self) -> list[Unit]:
+        return [u for u, a in self.units if not a.done]
+
+
+# ---------------------------------------------------------------------------------------------
+# The walk
+
+
+@dataclass
+class Fusion:
+    """What the walk made so far; each stage fills its part."""
+
+    config: FusionConfig
+    identities: dict[str, str] = field(default_factory=dict)
+    target: ModelFiles | None = None
+    sources: list[ModelFiles] = field(default_factory=list)
+    pieces: Artifact | None = None
+    stores: dict[str, Artifact] = field(default_factory=dict)  # model identity -> store
+    fused_data: Artifact | None = None
+    trained: dict[str, Artifact] = field(default_factory=dict)  # "fused" / "baseline"
+    results: Results = field(default_factory=dict)
+    comparison: Artifact | None = None
+    scores: dict[str, float] | None = None
+    registration: Artifact | None = None
+
+    @property
+    def models(self) -> list[ModelFiles]:
+        """Target and sources, each distinct model once (the target is often also a source)."""
+        unique = {m.identity: m for m in [self.target, *self.sources]}
+        return list(unique.values())
+
+
+def source_tags(identities: dict[str, str]) -> dict[str, str]:
+    """MLflow tags for the revisions / ETags / hashes each input was resolved to."""
+    tags = {
+        "fusellm.corpus_sha256": identities["corpus"],
+        "fusellm.target.revision": identities["target"],
+    }
+    for key, value in identities.items():
+        if key.startswith("source:"):
+            tags[f"fusellm.source.{key.split(':', 1)[1]}.revision"] = value
+    return tags
+
+
+def prepare(f: Fusion, ex: Executor) -> None:
+    """Resolve identities, fetch every model, cut the corpus into pieces."""
+    config = f.config
+    with ex.tracker.stage("prepare"):
+        f.identities = ex.call("resolve-sources", resolve_identities, config)
+        workdir = config.workdir
+        f.target = ex.call(
+            "fetch-model", fetch_model, "target", config.target, f.identities["target"], workdir
+        )
+        f.sources = [
+            ex.call("fetch-model", fetch_model, name, ref, f.identities[f"source:{name}"], workdir)
+            for name, ref in zip(config.source_names, config.sources)
+        ]
+        f.pieces = ex.run(pieces_unit(config, [f.target, *f.sources], f.identities["corpus"]))
+        ex.tracker.metrics(f.pieces.info, prefix="pieces")
+    ex.tracker.tags(source_tags(f.identities))  # on the fusion run
+
+
+def extract(f: Fusion, ex: Executor) -> None:
+    """Top-k extraction, one unit per model x shard (spread over workers), then one store each."""
+    config = f.config
+    n = shard_count(f.pieces, config.extraction)
+    shards = [None] if n is None else list(range(n))
+    with ex.tracker.stage("extract", params=config.extraction.model_dump()):
+        units = [extract_unit(m, f.pieces, s, config) for m in f.models for s in shards]
+        done = ex.run_all(units)
+        for i, model in enumerate(f.models):
+            parts = done[i * len(shards) : (i + 1) * len(shards)]
+            store = ex.run(store_unit(model, parts, f.pieces, config.workdir))
+            f.stores[model.identity] = store
+            ex.tracker.metrics(store.info, prefix=f"extract/{model.name}")
+
+
+def align_and_fuse(f: Fusion, ex: Executor) -> None:
+    """Vocabulary maps per source, then the aligned, fused training store."""
+    config = f.config
+    with ex.tracker.stage("align_fuse", params=config.fusion.model_dump()):
+        maps = ex.run_all([vocab_unit(s, f.target, config) for s in f.sources])
+        for source, vmap in zip(f.sources, maps):
+            ex.tracker.json(vmap.info, f"vocab_maps/{source.name}.json")
+            ex.tracker.metrics(
+                {"exact_rate": vmap.info.get("exact_rate")}, prefix=f"vocab/{source.name}"
+            )
+        triples = [(m, f.stores[m.identity], v) for m, v in zip(f.sources, maps)]
+        target_store = f.stores[f.target.identity]
+        f.fused_data = ex.run(fuse_unit(f.pieces, f.target, target_store, triples, config))
+        for name, stats in f.fused_data.info.get("sources_stats", {}).items():
+            ex.tracker.metrics(stats, prefix=f"fusion/{name}")
+
+
+def train(f: Fusion, ex: Executor) -> None:
+    """The fused model and, when it is evaluated, the CLM baseline (lam = 1) on the same pieces."""
+    config = f.config
+    runs = {"fused": (f.fused_data, False)}
+    if config.evaluation.baseline:
+        runs["baseline"] = (f.stores[f.target.identity], True)
+    for label, (data, baseline) in runs.items():
+        lam = 1.0 if baseline else config.training.lam
+        with ex.tracker.stage(f"train_{label}", params={"lam": lam}):
+            unit = train_unit(f.target, data, f.pieces, config, baseline=baseline)
+            f.trained[label] = ex.run(unit)
+            for step, loss in enumerate(f.trained[label].info.get("losses", []), start=1):
+                ex.tracker.metrics({"loss": loss}, step=step, prefix=f"train/{label}")
+
+
+def evaluate(f: Fusion, ex: Executor) -> None:
+    """Every suite on the fused model, the baseline and each source; then the comparison."""
+    config = f.config
+    models = {
+        label: (a.path / "model", a.key, config.target.trust_remote_code)
+        for label, a in f.trained.items()
+    }
+    if config.evaluation.sources:
+        for m in f.sources:
+            models[m.name] = (m.path, m.identity, m.ref.trust_remote_code)
+    params = {"suites": config.evaluation.suites, "limit": config.evaluation.limit}
+    with ex.tracker.stage("evaluate", params=params):
+        for label, (path, key, remote) in models.items():  # one at a time: each loads a model
+            for suite in config.evaluation.suites:
+                unit = evaluate_unit(path, key, label, suite, config, trust_remote_code=remote)
+                result = ex.run(unit)
+                f.results.setdefault(label, {})[suite] = result
+                _log_score(ex, result, label, suite)
+                if result.done:
+                    ex.tracker.artifact(result.path / "result", f"evaluation/{label}/{suite}")
+        if "baseline" in f.results and config.evaluation.sources:
+            unit = compare_unit(f.results, "fused", "baseline", config.source_names, config.workdir)
+            f.comparison = ex.run(unit)
+            _log_comparison(ex, f.comparison)
+    for label, suites in f.results.items():  # the headline scores on the fusion's own run too
+        for suite, result in suites.items():
+            _log_score(ex, result, label, suite)
+    if f.comparison is not None:
+        _log_comparison(ex, f.comparison)
+    f.scores = primary_scores(f.results, config.primary_suite)
+
+
+def _log_score(ex: Executor, result: Artifact, label: str, suite: str) -> None:
+    if result.info.get("average") is not None:
+        metric = {result.info["primary_metric"]: result.info["average"]}
+        ex.tracker.metrics(metric, prefix=f"{suite}/{label}")
+
+
+def _log_comparison(ex: Executor, comparison: Artifact) -> None:
+    if comparison.done:
+        ex.tracker.artifact(comparison.path / "comparison.md", "comparison")
+        ex.tracker.artifact(comparison.path / "comparison.png", "comparison")
+
+
+def register(f: Fusion, ex: Executor) -> None:
+    """Log and register the fused model; tag the fusion run with the version and its role."""
+    if not f.config.tracking.register_model:
+        return
+    with ex.tracker.stage("register"):
+        f.registration = ex.run(register_unit(f.trained["fused"], f.scores, f.config))
+    info = f.registration.info
+    if info:
+        ex.tracker.tags(
+            {
+                "fusellm.registered_version": info["version"],
+                "fusellm.role": "champion" if info["is_champion"] else "challenger",
+            }
+        )
+
+
+STEPS = {
+    "prepare": prepare,
+    "extract": extract,
+    "align_fuse": align_and_fuse,
+    "train": train,
+    "evaluate": evaluate,
+    "register": register,
+}
+
+
+def walk(config: FusionConfig, ex: Executor, *, until: str = "register") -> Fusion:
+    """Run the stages in order up to and including `until`."""
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}; expected one of {', '.join(STAGES)}")
+    f = Fusion(config)
+    for name in STAGES[: STAGES.index(until) + 1]:
+        STEPS[name](f, ex)
+    return f
+
+
+def plan(config: FusionConfig, *, until: str = "register") -> PlanExecutor:
+    """Which stage units a fusion needs and which are already done; nothing is built.
+
+    Models are fetched (their tokenizers decide the keys); nothing else is read or written.
+    """
+    import mlflow
+
+    ex = PlanExecutor()
+    previous = mlflow.get_tracking_uri()
+    if config.tracking.tracking_uri:  # the registry it would register in is part of a key
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    try:
+        walk(config, ex, until=until)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return ex
