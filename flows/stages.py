@@ -12,6 +12,11 @@ from fusellm.stages import pipeline
 from fusellm_tasks.stages import PrefectExecutor
 
 
+# The four flows below share their shape on purpose: each must be its own decorated function so
+# that Prefect shows its name, docstring and typed form; they differ only in the stage they stop
+# after and what they return.
+
+
 def _walk(config: FusionConfig, until: str) -> tuple[pipeline.Fusion, dict]:
     ex = PrefectExecutor()
     done = pipeline.walk(config, ex, until=until)

@@ -14,13 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fusellm.io.corpus import CorpusRef
 from fusellm.io.sources import ModelRef
 from fusellm.train.config import TrainConfig
 from fusellm.io.uris import LocalURI, parse_uri
+from fusellm.io.yaml_config import describe, read_yaml
 
 
 class FusionConfigError(ValueError):
@@ -51,7 +51,10 @@ class ExtractionConfig(_Section):
 
     top_k: int = Field(10, ge=1)
     batch_size: int = Field(8, ge=1)
-    shard_size: int = Field(256, ge=1, description="pieces per extraction task (model x shard)")
+    shard_size: int = Field(
+        256, ge=1, description="pieces per shard: one extraction task per model x shard, one "
+        "align-and-fuse task per shard"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     token_ce: bool = Field(True, description="keep per-token CE (needed by token-level fusion)")
 
@@ -68,7 +71,10 @@ class FusionOptions(_Section):
     method: Literal["min_ce", "avg_ce"] = "min_ce"
     granularity: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["byte", "token"] = "byte"
-    shard_size: int = Field(256, ge=1)
+    workers: int | None = Field(
+        None, ge=1, description="align-and-fuse shards built at once, each in its own process "
+        "(default: the cores of this machine)"
+    )
 
 
 class EvaluationConfig(_Section):
@@ -174,22 +180,6 @@ class FusionConfig(BaseModel):
         return not get_suite(self.primary_suite).higher_is_better
 
 
-def _field(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def describe(err: ValidationError) -> str:
-    """One line per problem, each naming its field (``sources[1].uri: ...``)."""
-    lines = []
-    for e in err.errors():
-        msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{_field(e['loc'])}: {msg}" if e["loc"] else msg)
-    return "; ".join(lines)
-
-
 def _rebase(uri: str, base: Path) -> str:
     """A relative local path in a file is relative to that file's folder."""
     try:
@@ -246,11 +236,5 @@ def parse_fusion_config(data, *, source: str = "config", base: Path | None = Non
 
 def load_fusion_config(path: str | Path) -> FusionConfig:
     """Read a fusion config from YAML; relative local paths are relative to the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FusionConfigError(f"{path}: fusion config file not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise FusionConfigError(f"{path}: not valid YAML ({err})") from None
-    return parse_fusion_config(data, source=str(path), base=path.resolve().parent)
+    data = read_yaml(path, FusionConfigError, "fusion config")
+    return parse_fusion_config(data, source=str(path), base=Path(path).resolve().parent)

@@ -24,7 +24,7 @@ SOURCES = ["llama-docs", "neox-code", "gpt2-docstrings"]
 
 
 def _tiny_sources():
-    from fusellm.demo.data import DataConfig
+    from fusellm.demo.data import DemoSplits
     from fusellm.demo.sources import DemoSourcesRecipe, SourceRecipe
 
     small = {
@@ -44,7 +44,7 @@ def _tiny_sources():
             SourceRecipe(name=n, architecture=a, tokenizer=t, vocab_size=400, mix=m, **small)
             for n, a, t, m in specs
         ),
-        data=DataConfig(),
+        data=DemoSplits(),
         train_bytes=30_000,
     )
 

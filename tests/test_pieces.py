@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from fusellm.data.pieces import cut_pieces, split_texts
+from fusellm.data.pieces import PiecesTally, cut_pieces, iter_pieces
 
 NAMES = ("llama-spm", "mpt", "gpt-2")
 
@@ -129,9 +129,10 @@ def _long_text(n_chars: int, seed: int = 0) -> str:
 
 def test_long_texts_at_paper_block_size(tokenizers):
     texts = [_long_text(60_000, seed) for seed in range(3)]
-    result = split_texts(texts, tokenizers, block_size=2048, margin=48, progress=False)
-    assert result.texts == 3 and result.dropped_empty == 0
-    pieces = iter(result.pieces)
+    tally = PiecesTally()
+    pieces = iter_pieces(texts, tokenizers, block_size=2048, margin=48, tally=tally, progress=False)
+    pieces = iter(list(pieces))
+    assert tally.texts == 3 and tally.dropped_empty == 0
     for text in texts:
         got, covered = [], 0
         while covered < len(text):
@@ -183,16 +184,18 @@ def test_recut_when_context_changes_tokenization(tokenizers):
     rng = random.Random(1)
     alphabet = list("abcdefghij xyz\n\t   ()[]{};:=+-*/日本語中文字😀🎉éü")
     text = "".join(rng.choice(alphabet) for _ in range(3000))
-    result = split_texts([text], tokenizers, block_size=10, margin=0, progress=False)
-    assert result.recut > 0  # SentencePiece's leading "▁" makes some first cuts too long
-    check(text, result.pieces, tokenizers, 10)
+    tally = PiecesTally()
+    pieces = list(iter_pieces([text], tokenizers, block_size=10, margin=0, tally=tally, progress=False))
+    assert tally.recut > 0  # SentencePiece's leading "▁" makes some first cuts too long
+    check(text, pieces, tokenizers, 10)
 
 
 def test_empty_texts_dropped_and_counted(tokenizers, caplog):
     caplog.set_level(logging.INFO, logger="fusellm.data.pieces")
-    result = split_texts(["", "  \n\t ", "real text", "\u3000"], tokenizers, progress=False)
-    assert result.pieces == ["real text"]
-    assert (result.texts, result.dropped_empty) == (4, 3)
+    tally = PiecesTally()
+    texts = ["", "  \n\t ", "real text", "\u3000"]
+    assert list(iter_pieces(texts, tokenizers, tally=tally, progress=False)) == ["real text"]
+    assert (tally.texts, tally.dropped_empty) == (4, 3)
     assert "dropped 3 empty or whitespace-only texts of 4" in caplog.text
 
 

@@ -23,8 +23,8 @@ nothing to learn from and are dropped, and counted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,10 +36,9 @@ PREFER_WITHIN = 0.25  # look for a line or word end in the last quarter of the w
 
 
 @dataclass
-class PiecesResult:
-    """Pieces of a corpus plus what was dropped on the way, for the run's manifest and logs."""
+class PiecesTally:
+    """What cutting a corpus met on the way, for the stage's record and logs."""
 
-    pieces: list[str] = field(default_factory=list)
     texts: int = 0
     dropped_empty: int = 0
     recut: int = 0  # pieces that needed a second cut after re-tokenization
@@ -194,46 +193,47 @@ def _recut(piece: str, tokenizers: Sequence, limit: int) -> list[str]:
     return out
 
 
-def split_texts(
+def iter_pieces(
     texts: Iterable[str],
     tokenizers: Sequence,
     block_size: int = 2048,
     margin: int = 48,
     *,
+    tally: PiecesTally | None = None,
     progress: bool = True,
-) -> PiecesResult:
-    """Cut `texts` into pieces that fit every tokenizer; also report drops and re-cuts."""
+) -> Iterator[str]:
+    """Pieces of `texts`, as a stream: memory holds one batch of texts, never the corpus.
+
+    `tally` counts texts, dropped empty ones and re-cuts.
+    """
     _check_tokenizers(tokenizers)
     limit = _limit(block_size, margin)
-    result = PiecesResult()
-    bar = tqdm(desc="pieces", unit="text", disable=not progress)
+    tally = tally if tally is not None else PiecesTally()
     batch: list[str] = []
+    with tqdm(desc="pieces", unit="text", disable=not progress) as bar:
+        for text in texts:
+            tally.texts += 1
+            if not isinstance(text, str):
+                raise TypeError(f"text #{tally.texts - 1} is {type(text).__name__}, expected str")
+            if not text.strip():
+                tally.dropped_empty += 1
+                continue
+            batch.append(text)
+            if len(batch) >= BATCH:
+                yield from _flush(batch, tokenizers, limit, tally, bar)
+        yield from _flush(batch, tokenizers, limit, tally, bar)
+    if tally.dropped_empty:
+        log.info("dropped %d empty or whitespace-only texts of %d", tally.dropped_empty, tally.texts)
 
-    def flush() -> None:
-        if batch:
-            cut, recut = _split_batch(batch, tokenizers, limit)
-            result.pieces.extend(cut)
-            result.recut += recut
-            bar.update(len(batch))
-            batch.clear()
 
-    for text in texts:
-        result.texts += 1
-        if not isinstance(text, str):
-            raise TypeError(f"text #{result.texts - 1} is {type(text).__name__}, expected str")
-        if not text.strip():
-            result.dropped_empty += 1
-            continue
-        batch.append(text)
-        if len(batch) >= BATCH:
-            flush()
-    flush()
-    bar.close()
-    if result.dropped_empty:
-        log.info(
-            "dropped %d empty or whitespace-only texts of %d", result.dropped_empty, result.texts
-        )
-    return result
+def _flush(batch: list[str], tokenizers, limit: int, tally: PiecesTally, bar) -> list[str]:
+    if not batch:
+        return []
+    cut, recut = _split_batch(batch, tokenizers, limit)
+    tally.recut += recut
+    bar.update(len(batch))
+    batch.clear()
+    return cut
 
 
 def cut_pieces(
@@ -247,6 +247,6 @@ def cut_pieces(
     """Pieces of text such that every tokenizer yields at most `block_size - margin` tokens each.
 
     Tokenized with ``add_special_tokens=False``; the margin keeps room for each model's EOS.
-    Empty/whitespace-only texts are dropped (their count is logged; use `split_texts` to get it).
+    Empty/whitespace-only texts are dropped (their count is logged; `iter_pieces` tallies it).
     """
-    return split_texts(texts, tokenizers, block_size, margin, progress=progress).pieces
+    return list(iter_pieces(texts, tokenizers, block_size, margin, progress=progress))

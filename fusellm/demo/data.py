@@ -36,6 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Split = Literal["train", "fusion", "heldout"]
 DOMAINS: tuple[str, ...] = ("docs", "code", "docstrings")
+
+
+def check_domains(mix: dict[str, float]) -> None:
+    """A mix names only known domains (recipes of the sources and of the fusion use it)."""
+    unknown = sorted(set(mix) - set(DOMAINS))
+    if unknown:
+        raise ValueError(f"unknown domains {unknown}; expected some of {list(DOMAINS)}")
 SPLITS: tuple[str, ...] = ("train", "fusion", "heldout")
 
 # Folders that are tests, or that Linux distributions package separately from the standard

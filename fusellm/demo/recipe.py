@@ -24,7 +24,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fusellm.demo.data import DOMAINS, load_split
+from fusellm.demo.data import DOMAINS, check_domains, load_split
 
 HELDOUT_BYTES = 60_000  # per domain: the same texts score sources, baseline and fused model
 
@@ -59,9 +59,7 @@ class DemoRecipe(BaseModel):
     @field_validator("mix")
     @classmethod
     def _shares(cls, mix: dict[str, float]) -> dict[str, float]:
-        unknown = sorted(set(mix) - set(DOMAINS))
-        if unknown:
-            raise ValueError(f"unknown domains {unknown}; expected some of {list(DOMAINS)}")
+        check_domains(mix)
         if any(not 0 <= w <= 1 for w in mix.values()) or not any(mix.values()):
             raise ValueError(f"mix shares must lie in [0, 1], at least one above 0; got {mix}")
         return mix

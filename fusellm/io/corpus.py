@@ -26,14 +26,15 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
+from typing import ClassVar
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from fusellm.io.hub import hub_commit, hub_offline
 from fusellm.io.s3 import FETCH_STATE, MANIFEST, fetch_s3, list_s3, listing_hash, s3_cache_folder
 from fusellm.io.sources import local_identity
-from fusellm.io.uris import S3URI, HubURI, SourceError, check_endpoint, parse_uri
+from fusellm.io.uris import S3URI, HubURI, LocatedRef, SourceError, parse_uri
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -42,29 +43,15 @@ class CorpusError(SourceError):
     """The corpus cannot be read; the message names the file, line or row, and field."""
 
 
-class CorpusRef(BaseModel):
+class CorpusRef(LocatedRef):
     """Where the fusion corpus lives and which field holds the text."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    hub_kind: ClassVar[str] = "dataset"
+    hub_hint: ClassVar[str] = "a Hub corpus is written hf://datasets/org/name"
 
-    uri: str
     text_field: str = "text"
     split: str | None = None  # for datasets with several splits (Hub: default "train")
     limit: int | None = Field(default=None, gt=0)  # first N documents only
-    endpoint_url: str | None = None  # S3 only; else FUSELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL
-
-    @field_validator("uri")
-    @classmethod
-    def _valid_uri(cls, uri: str) -> str:
-        parsed = parse_uri(uri)
-        if isinstance(parsed, HubURI) and parsed.repo_type != "dataset":
-            raise CorpusError(f"{uri!r}: a Hub corpus is written hf://datasets/org/name")
-        return uri
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_credentials(cls, url: str | None) -> str | None:
-        return check_endpoint(url)
 
 
 def default_cache() -> Path:

@@ -34,12 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
 
-from fusellm.io.files import (
-    sha256_file,
-    write_json_atomic,  # noqa: F401  (old home, kept for callers; fusellm.io.files owns it)
-)
+from fusellm.io.files import sha256_file
 from fusellm.io.hub import fetch_hub, hub_commit
 from fusellm.io.s3 import (
     FETCH_STATE,
@@ -49,7 +45,7 @@ from fusellm.io.s3 import (
     s3_cache_folder,
     upload_dir,  # noqa: F401  (re-exported: publishing is part of sources)
 )
-from fusellm.io.uris import S3URI, URI, HubURI, SourceError, check_endpoint, parse_uri
+from fusellm.io.uris import S3URI, URI, HubURI, LocatedRef, SourceError, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -60,30 +56,12 @@ SMALL_FILE = 16 * 2**20
 # The reference a config names
 
 
-class ModelRef(BaseModel):
+class ModelRef(LocatedRef):
     """One source or target model, as named in a fusion config."""
 
-    # Inputs are kept out of validation errors: a mistyped URI may carry a credential.
-    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
-
-    uri: str
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     name: str | None = None
-    endpoint_url: str | None = None  # S3 only; else FUSELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL
-
-    @field_validator("uri")
-    @classmethod
-    def _valid_uri(cls, uri: str) -> str:
-        parsed = parse_uri(uri)
-        if isinstance(parsed, HubURI) and parsed.repo_type != "model":
-            raise SourceError(f"{uri!r} names a Hub dataset; a model is expected here")
-        return uri
-
-    @field_validator("endpoint_url")
-    @classmethod
-    def _no_credentials(cls, url: str | None) -> str | None:
-        return check_endpoint(url)
 
     @property
     def parsed(self) -> URI:

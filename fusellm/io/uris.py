@@ -9,8 +9,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, field_validator
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -147,3 +149,31 @@ def check_endpoint(url: str | None) -> str | None:
     if url and urlsplit(url).scheme not in ("http", "https"):
         raise SourceError(f"endpoint_url {url!r} must start with http:// or https://")
     return url
+
+
+class LocatedRef(BaseModel):
+    """Where a model or a corpus lives: a URI, and for S3 an optional endpoint.
+
+    Subclasses say which kind of Hub repository they accept (`hub_kind`, `hub_hint`).
+    """
+
+    # Inputs are kept out of validation errors: a mistyped URI may carry a credential.
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+    hub_kind: ClassVar[str] = "model"
+    hub_hint: ClassVar[str] = "names a Hub dataset; a model is expected here"
+
+    uri: str
+    endpoint_url: str | None = None  # S3 only; else FUSELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, uri: str) -> str:
+        parsed = parse_uri(uri)
+        if isinstance(parsed, HubURI) and parsed.repo_type != cls.hub_kind:
+            raise SourceError(f"{uri!r}: {cls.hub_hint}")
+        return uri
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_credentials(cls, url: str | None) -> str | None:
+        return check_endpoint(url)

@@ -127,6 +127,7 @@ def tiny_config(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    # One branch per architecture, alike on purpose: each spells the same sizes its own way.
     if architecture == "llama":
         return LlamaConfig(
             hidden_size=hidden,

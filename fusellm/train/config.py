@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fusellm.io.yaml_config import describe, read_yaml
 
 
 class TrainConfigError(ValueError):
@@ -86,14 +87,6 @@ class TrainConfig(BaseModel):
         return betas
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(config)"
-        lines.append(f"{field}: {e['msg']}")
-    return "; ".join(lines)
-
-
 def parse_config(data: dict | None, *, source: str = "config") -> TrainConfig:
     """Validate a mapping; errors name `source` and every bad field."""
     if data is None:
@@ -103,19 +96,12 @@ def parse_config(data: dict | None, *, source: str = "config") -> TrainConfig:
     try:
         return TrainConfig(**data)
     except ValidationError as err:
-        raise TrainConfigError(f"{source}: {_describe(err)}") from None
+        raise TrainConfigError(f"{source}: {describe(err)}") from None
 
 
 def load_config(path: str | Path) -> TrainConfig:
     """Read a YAML training config (all fields optional; unknown fields are errors)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: training config file not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise TrainConfigError(f"{path}: not valid YAML ({err})") from None
-    return parse_config(data, source=str(path))
+    return parse_config(read_yaml(path, TrainConfigError, "training config"), source=str(path))
 
 
 def as_config(config: TrainConfig | dict | str | Path | None) -> TrainConfig:
