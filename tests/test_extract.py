@@ -4,9 +4,9 @@ import torch
 
 import fusellm.data.extract as extract_module
 from fusellm.data.extract import extract_topk
-from fusellm.io.fingerprint import model_fingerprint, tokenizer_fingerprint
 from fusellm.data.store import StoreError, open_topk
-from fusellm.testing.tiny import tiny_model
+from fusellm.io.fingerprint import model_fingerprint, tokenizer_fingerprint
+from fusellm.testing.tiny import tiny_config, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,35 @@ def test_other_architectures_and_tokenizers(tmp_path, tiny_tokenizers, pieces):
         manifest = extract_topk(model, tok, pieces[:6], tmp_path / arch, top_k=4, progress=False)
         assert manifest["count"] == 6 and manifest["tokens"] > 6
         assert open_topk(tmp_path / arch)[5].ids.shape[1] == 4
+
+
+def sized_model(tok, rows, seed=4):
+    """A tiny Llama whose embedding and output have `rows` rows, not len(tok)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama", tok)
+    config.vocab_size = rows
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_output_larger_than_the_tokenizer(tmp_path, tiny_tokenizers, pieces):
+    """Padded rows (MPT-7B, Qwen2) are ranked like any other: the store keeps them, up to the
+    model's output size, and records the tokenizer's size for fusion to drop them."""
+    tok = tiny_tokenizers["spm"]
+    model = sized_model(tok, len(tok) + 200)
+    manifest = extract_topk(model, tok, pieces[:4], tmp_path, top_k=6, progress=False)
+    store = open_topk(tmp_path)
+    assert manifest["vocab_size"] == len(tok) + 200 and store.meta["tokenizer_size"] == len(tok)
+    for i in range(4):
+        _, top_ids, _, ce = reference(model, tok, pieces[i], 6)
+        assert (store[i].ids == top_ids).mean() > 0.99
+        assert store[i].ce == pytest.approx(ce, abs=1e-4)
+    assert any((store[i].ids >= len(tok)).any() for i in range(4))
+
+
+def test_tokenizer_larger_than_the_model_is_refused(tmp_path, tiny_tokenizers, pieces):
+    tok = tiny_tokenizers["spm"]
+    with pytest.raises(ValueError, match="embedding rows; the tokenizer .* does not belong"):
+        extract_topk(sized_model(tok, len(tok) // 2), tok, pieces, tmp_path, progress=False)
+    assert not (tmp_path / "manifest.json").exists()

@@ -1,14 +1,29 @@
 import numpy as np
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from fusellm.data.extract import extract_topk
-from fusellm.method.fuse import avg_ce, merge_topk, min_ce, one_hot_topk, transfer
 from fusellm.data.fused_data import SourceData, build_fused_store
 from fusellm.data.store import StoreError, open_topk
-from fusellm.testing.tiny import tiny_model
+from fusellm.method.fuse import (
+    avg_ce,
+    avg_ce_unnormalised,
+    merge_topk,
+    min_ce,
+    one_hot_topk,
+    renormalise,
+    transfer,
+)
 from fusellm.method.vocab import build_vocab_map
+from fusellm.testing.tiny import tiny_config, tiny_model
 
 NEG = -np.inf
+
+
+def log(p):
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(p, dtype=np.float64))
 
 
 def test_merge_topk_sums_duplicates_and_sorts():
@@ -34,13 +49,29 @@ def test_transfer_maps_merges_and_fills_one_hot():
     to_target = np.array([10, 10, -1, 11])  # ids 0 and 1 land on 10; id 2 unmapped
     alignment = np.array([1, -1, 0])
     target_next = np.array([20, 21, -1])
-    ids, lp = transfer(source_ids, source_lp, alignment, to_target, target_next, k=3)
+    ids, lp, dropped = transfer(source_ids, source_lp, alignment, to_target, target_next, k=3)
+    assert dropped == 0
     np.testing.assert_array_equal(ids[0, :2], [11, 10])  # row 1 of the source: 3 -> 11, 0 -> 10
     np.testing.assert_allclose(np.exp(lp[0, :2]), [0.2, 0.1], rtol=1e-6)
     np.testing.assert_array_equal(ids[1], [21, -1, -1])  # unaligned: the target's next token
     assert lp[1, 0] == 0.0
     np.testing.assert_array_equal(ids[2, :1], [10])
     np.testing.assert_allclose(np.exp(lp[2, 0]), 0.8, rtol=1e-6)
+
+
+def test_transfer_never_looks_up_empty_slots_or_padding_rows():
+    """A model's output can be larger than its tokenizer: ids past the map are dropped, counted."""
+    to_target = np.array([10, 11, 12])  # the tokenizer has 3 entries; the model 6 output rows
+    source_ids = np.array([[5, 0, -1], [4, 3, -1], [1, 2, 0]])
+    source_lp = log([[0.5, 0.3, 0.0], [0.6, 0.3, 0.0], [0.5, 0.25, 0.25]])
+    source_lp[2, 2] = -np.inf  # a slot the store emptied (id kept, probability gone)
+    ids, lp, dropped = transfer(source_ids, source_lp, np.array([0, 1, 2]), to_target, np.array([7, 8, 9]), k=3)
+    assert dropped == 3  # 5, 4, 3 (the -1 slots are empty, not padding)
+    np.testing.assert_array_equal(ids[0], [10, -1, -1])
+    np.testing.assert_allclose(np.exp(lp[0, 0]), 0.3, rtol=1e-6)
+    np.testing.assert_array_equal(ids[1], [8, -1, -1])  # nothing usable: the target's next token
+    assert lp[1, 0] == 0.0
+    np.testing.assert_array_equal(ids[2], [11, 12, -1])  # id 0 with -inf is not looked up
 
 
 def candidates():
@@ -50,7 +81,7 @@ def candidates():
 
 
 def test_min_ce_per_sequence_and_per_token():
-    ids, lp, winner = min_ce(candidates(), np.array([2.0, 1.0]))
+    ids, _, winner = min_ce(candidates(), np.array([2.0, 1.0]))
     np.testing.assert_array_equal(ids, candidates()[1][0])
     assert (winner == 1).all()
     ids, _, winner = min_ce(candidates(), np.array([[1.0, 3.0], [2.0, np.nan]]))
@@ -60,15 +91,42 @@ def test_min_ce_per_sequence_and_per_token():
     np.testing.assert_array_equal(ids, [[1, 2], [3, 6]])
 
 
-def test_avg_ce_weights_by_exp_minus_ce():
+def test_avg_ce_as_published_renormalises_and_softmaxes_the_rewards():
+    a = (np.array([[1, 2, -1]]), log([[0.3, 0.2, 0.0]]))  # a top-k holding 0.5
+    b = (np.array([[2, -1, -1]]), np.array([[0.0, -np.inf, -np.inf]]))  # a one-hot fallback row
+    ce = np.array([1.0, 3.0])
+    ids, lp, weights = avg_ce([a, b], ce, k=3)
+    reward = np.exp(-ce)  # the published code: reward = 1 / exp(CE), weights = softmax(reward)
+    w = np.exp(reward) / np.exp(reward).sum()
+    np.testing.assert_allclose(weights[:, 0], w)
+    assert w[0] == pytest.approx(0.5789, abs=1e-4)  # flat: softmax(-CE) would give 0.881
+    probs = dict(zip(ids[0], np.exp(lp[0])))
+    assert probs[1] == pytest.approx(w[0] * 0.6, rel=1e-6)  # 0.3 / 0.5: renormalised
+    assert probs[2] == pytest.approx(w[0] * 0.4 + w[1], rel=1e-6)
+    assert sum(probs.values()) == pytest.approx(1.0, rel=1e-6)
+    per_token = avg_ce(candidates(), np.array([[1.0, 1.0], [np.nan, 1.0]]), k=2)
+    np.testing.assert_allclose(per_token[2][:, 0], [1.0, 0.0])  # absent: weight 0
+    np.testing.assert_allclose(per_token[2][:, 1], [0.5, 0.5])
+
+
+def test_renormalise_keeps_empty_rows_empty():
+    ids = np.array([[3, 4, -1], [-1, -1, -1], [5, 6, 7]])
+    lp = log([[0.2, 0.2, 0.0], [0.0, 0.0, 0.0], [0.5, 0.1, 0.0]])
+    out = renormalise(ids, lp)
+    np.testing.assert_allclose(np.exp(out).sum(-1), [1.0, 0.0, 1.0])
+    np.testing.assert_allclose(np.exp(out[2, :2]), [5 / 6, 1 / 6])
+    assert np.isneginf(out[1]).all() and np.isneginf(out[2, 2])
+
+
+def test_avg_ce_unnormalised_variant_weights_by_exp_minus_ce():
     ce = np.array([1.0, 1.0 + np.log(3.0)])  # weights 3/4 and 1/4
-    ids, lp, weights = avg_ce(candidates(), ce, k=3)
+    ids, lp, weights = avg_ce_unnormalised(candidates(), ce, k=3)
     np.testing.assert_allclose(weights[:, 0], [0.75, 0.25])
     probs = dict(zip(ids[0], np.exp(lp[0])))
     assert probs[2] == pytest.approx(0.75 * 0.4 + 0.25 * 0.9, rel=1e-6)
     assert probs[1] == pytest.approx(0.75 * 0.6, rel=1e-6)
     assert probs[5] == pytest.approx(0.25 * 0.1, rel=1e-5)
-    per_token = avg_ce(candidates(), np.array([[1.0, 1.0], [np.nan, 1.0]]), k=2)
+    per_token = avg_ce_unnormalised(candidates(), np.array([[1.0, 1.0], [np.nan, 1.0]]), k=2)
     np.testing.assert_allclose(per_token[2][:, 0], [1.0, 0.0])
 
 
@@ -89,7 +147,7 @@ def fusion_inputs(tmp_path_factory, tiny_tokenizers, small_corpus):
     return root, pieces, t_tok, source
 
 
-@pytest.mark.parametrize("method", ["min_ce", "avg_ce"])
+@pytest.mark.parametrize("method", ["min_ce", "avg_ce", "avg_ce_unnormalised"])
 @pytest.mark.parametrize("granularity", ["sequence", "token"])
 def test_build_fused_store(fusion_inputs, method, granularity):
     root, pieces, t_tok, source = fusion_inputs
@@ -151,3 +209,54 @@ def test_published_dtw_alignment_option(fusion_inputs):
     )["sources_stats"]["neox"]
     assert manifest["meta"]["alignment"] == "dtw"
     assert 0 < stats["aligned_coverage"] <= offsets["aligned_coverage"]
+
+
+def test_target_listed_as_a_source_counts_once(fusion_inputs):
+    root, pieces, t_tok, source = fusion_inputs
+    target = open_topk(root / "target")
+    itself = SourceData("llama", t_tok, target, build_vocab_map(t_tok, t_tok, progress=False))
+    for method in ("avg_ce", "min_ce"):
+        alone = build_fused_store(pieces, t_tok, target, [source], root / f"alone-{method}",
+                                  method=method, granularity="token", progress=False)
+        twice = build_fused_store(pieces, t_tok, target, [itself, source], root / f"twice-{method}",
+                                  method=method, granularity="token", progress=False)
+        assert twice["meta"]["same_as_target"] == ["llama"]
+        assert twice["sources_stats"]["llama"]["same_as_target"] == 1
+        assert twice["sources_stats"]["neox"]["min_ce_win_rate"] == alone["sources_stats"]["neox"]["min_ce_win_rate"]
+        for i in range(len(pieces)):
+            np.testing.assert_array_equal(open_topk(root / f"twice-{method}")[i].ids,
+                                          open_topk(root / f"alone-{method}")[i].ids)
+
+
+def padded_model(architecture, tokenizer, extra, seed):
+    """A tiny model whose output (and embedding) has `extra` rows more than its tokenizer."""
+    config = tiny_config(architecture, tokenizer)
+    config.vocab_size = len(tokenizer) + extra
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("method", ["min_ce", "avg_ce"])
+def test_models_larger_than_their_tokenizers_end_to_end(tmp_path, tiny_tokenizers, small_corpus, method):
+    """Real shapes (MPT-7B: 50,432 rows, ~50,277 tokens): extraction keeps the padded ids the
+    model ranks, fusion drops the sources' ones before any lookup and reports how many."""
+    pieces = [t[:120] for t in small_corpus[:6]]
+    t_tok, s_tok = tiny_tokenizers["spm"], tiny_tokenizers["bytelevel"]
+    t_model = padded_model("llama", t_tok, 300, seed=0)
+    s_model = padded_model("gpt_neox", s_tok, 400, seed=1)
+    extract_topk(t_model, t_tok, pieces, tmp_path / "target", top_k=8, progress=False)
+    extract_topk(s_model, s_tok, pieces, tmp_path / "source", top_k=8, progress=False)
+    target, store = open_topk(tmp_path / "target"), open_topk(tmp_path / "source")
+    assert store.manifest["vocab_size"] == len(s_tok) + 400 and store.meta["tokenizer_size"] == len(s_tok)
+    padded = sum(int((store[i].ids >= len(s_tok)).sum()) for i in range(len(pieces)))
+    assert padded > 0  # random weights: the padding rows show up in the top-k
+    source = SourceData("neox", s_tok, store, build_vocab_map(s_tok, t_tok, progress=False))
+    manifest = build_fused_store(pieces, t_tok, target, [source], tmp_path / "fused", method=method,
+                                 granularity="token", progress=False)
+    stats = manifest["sources_stats"]["neox"]
+    assert 0 < stats["dropped_ids"] <= padded
+    fused = open_topk(tmp_path / "fused")
+    assert fused.manifest["vocab_size"] == len(t_tok) + 300
+    for i in range(len(pieces)):
+        rows = fused[i].ids[:-1]
+        assert (rows[:, 0] >= 0).all() and rows.max() < len(t_tok) + 300

@@ -12,7 +12,7 @@ def dense_reference(logits, labels, ids, logprobs, lam, temperature):
     clm = -logp.gather(-1, next_labels.clamp(min=0)[..., None]).squeeze(-1)[keep].mean()
     if ids is None:
         return clm
-    valid = ids[:, :-1] >= 0
+    valid = (ids[:, :-1] >= 0) & torch.isfinite(logprobs[:, :-1])
     q = torch.softmax(torch.where(valid, logprobs[:, :-1] / temperature, float("-inf")), -1)
     target = torch.zeros_like(logits).scatter_add(
         -1, ids[:, :-1].clamp(min=0), torch.where(valid, q, 0.0)
@@ -45,6 +45,38 @@ def test_equals_dense_formula_value_and_gradient(lam, temperature):
     assert ours.dtype == torch.float64
     assert abs(ours.item() - ref.item()) < 1e-6
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lam,temperature", [(0.9, 1.0), (0.3, 1.5), (0.0, 1.0)])
+def test_rows_with_no_usable_entry_add_no_fusion_term(lam, temperature):
+    """An all-empty fused row has no teacher: the dense formula's target row is all zeros, so
+    only the CLM term counts there (scoring it log Z would flatten the student)."""
+    logits, labels, ids, logprobs = make_batch()
+    ids[0, 1] = -1  # every slot empty
+    logprobs[0, 1] = float("-inf")
+    logprobs[2, 3] = float("-inf")  # ids present, every probability gone
+    logprobs[1, 5, :] = float("-inf")
+    logits.requires_grad_(True)
+    ours = fusion_loss(logits, labels, ids, logprobs, lam=lam, temperature=temperature)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = dense_reference(logits, labels, ids, logprobs, lam, temperature)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.isfinite(ours) and abs(ours.item() - ref.item()) < 1e-9
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-9, rtol=0)
+    # at such a row the gradient is lam * (softmax - onehot(label)): the CLM term alone
+    p = torch.softmax(logits[0, 1].detach(), -1)
+    clm = lam * (p - torch.nn.functional.one_hot(labels[0, 2], logits.shape[-1]))
+    n = int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(g_ours[0, 1] * n, clm, atol=1e-12, rtol=0)
+
+
+def test_no_teacher_anywhere_leaves_only_the_clm_term():
+    logits, labels, ids, logprobs = make_batch()
+    _, clm, _ = fusion_loss_parts(logits, labels, ids, logprobs, lam=0.9)
+    empty = torch.full_like(logprobs, float("-inf"))
+    total, clm_again, fuse = fusion_loss_parts(logits, labels, ids, empty, lam=0.9)
+    assert fuse.item() == 0.0 and torch.isclose(clm_again, clm)
+    assert torch.isclose(total, 0.9 * clm)
 
 
 def test_gradcheck_sparse_function():

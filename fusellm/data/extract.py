@@ -5,6 +5,11 @@ Only [batch, length, k] values and ids (plus the next-token CE) leave the device
 `add_special_tokens=False` and the model's EOS appended, so every model sees exactly the
 characters of the piece and predicts its end.
 
+A model's output often has more rows than its tokenizer has entries (padded to a round size:
+MPT-7B 50,432 rows for ~50,277 tokens, Qwen2 151,936 for 151,646). The store keeps ids as the
+model ranks them, up to its output size, and records the tokenizer's size; fusion drops ids past
+the tokenizer (they stand for no text) and counts them.
+
 Work is done shard by shard (`shard_size` pieces); each finished shard is on disk before the next
 starts, so a killed extraction resumes at the first missing shard.
 """
@@ -13,15 +18,15 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusellm.io.fingerprint import model_fingerprint, sha256_texts, tokenizer_fingerprint
 from fusellm.data.store import TopkRecord, TopkWriter
+from fusellm.io.fingerprint import model_fingerprint, sha256_texts, tokenizer_fingerprint
 
 _POSITION_CHUNK = 1024  # positions per log-softmax chunk: bounds the float32 copy of the logits
 
@@ -31,6 +36,12 @@ def _output_vocab(model) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.vocab_size)
+
+
+def _input_rows(model) -> int | None:
+    embed = model.get_input_embeddings()
+    weight = getattr(embed, "weight", None)
+    return int(weight.shape[0]) if weight is not None else None
 
 
 def _encode(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
@@ -138,12 +149,21 @@ def extract_topk(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     encoded = _encode(texts, tokenizer, max_length)
+    rows = _input_rows(model)
+    top = max(max(ids) for ids in encoded)
+    if rows is not None and top >= rows:
+        piece = next(i for i, ids in enumerate(encoded) if max(ids) == top)
+        raise ValueError(
+            f"piece {piece} has token id {top}, but the model has only {rows} embedding rows; "
+            f"the tokenizer ({len(tokenizer)} entries) does not belong to this model"
+        )
     meta = {
         "model_fingerprint": model_fingerprint(model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "model_name": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "max_length": max_length,
         "eos_token_id": int(tokenizer.eos_token_id),
+        "tokenizer_size": len(tokenizer),
         "texts_sha256": sha256_texts(texts),
     }
     writer = TopkWriter(Path(out_dir), top_k=top_k, vocab_size=vocab, meta=meta, shard_size=shard_size)

@@ -3,10 +3,13 @@
 Inputs are the pieces (text), the target's own top-k store, and per source its store, tokenizer
 and vocabulary map. For every piece: align each source to the target (character offsets), move
 its top-k into the target's positions and vocabulary, then fuse the candidates (the target's own
-distribution first, then the sources) with MinCE or AvgCE, per sequence or per token.
+distribution first, then the sources) with MinCE or AvgCE, per sequence or per token. A source
+that is the target itself (same model and tokenizer, as in the paper's recipe, where Llama-2 is
+both) is the same candidate and counts once.
 
 The output is itself a top-k store in the target vocabulary (`fusellm.data.store`), which the trainer
-reads. Per source we record aligned coverage, exact-map rate and MinCE win rate.
+reads. Per source we record aligned coverage, exact-map rate, MinCE win rate and how many top-k
+ids were dropped because they point past the source tokenizer (padding rows of the model output).
 
 Sequence CE can be compared per token (the paper) or per byte (`ce_unit="byte"`, the default):
 models with different tokenizers spread the same text over different numbers of tokens, so only
@@ -15,20 +18,19 @@ nats per byte are comparable across them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusellm.method.align import pair_ends, token_end_chars
-from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
-from fusellm.method.fuse import fuse, transfer
 from fusellm.data.store import StoreError, TopkRecord, TopkStore, TopkWriter
+from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
+from fusellm.method.align import pair_ends, token_end_chars
+from fusellm.method.fuse import FUSIONS, fuse, transfer
 from fusellm.method.vocab import VocabMap
 
-FUSIONS = ("min_ce", "avg_ce")
 GRANULARITIES = ("sequence", "token")
 CE_UNITS = ("token", "byte")
 ALIGNMENTS = ("offsets", "dtw")
@@ -56,6 +58,33 @@ def _check_store(store: TopkStore, tokenizer, pieces: Sequence[str], who: str) -
         raise StoreError(f"{store.dir}: the {who} store has {len(store)} records for {len(pieces)} pieces")
     if "texts_sha256" in meta and meta["texts_sha256"] != sha256_texts(pieces):
         raise StoreError(f"{store.dir}: the {who} store was made from other pieces (texts differ)")
+
+
+def _check_map(source: SourceData, target_tokenizer, target_rows: int) -> None:
+    """The map must cover exactly the source tokenizer and land inside the target's output."""
+    if len(source.vocab_map) != len(source.tokenizer):
+        raise ValueError(
+            f"source '{source.name}': its vocabulary map has {len(source.vocab_map)} entries, "
+            f"its tokenizer {len(source.tokenizer)}; rebuild the map for this tokenizer"
+        )
+    top = int(source.vocab_map.source_to_target.max(initial=-1))
+    if top >= target_rows:
+        raise ValueError(
+            f"source '{source.name}': its vocabulary map reaches target id {top}, but the target "
+            f"store has {target_rows} rows (target tokenizer: {len(target_tokenizer)} entries)"
+        )
+
+
+def same_as_target(source: SourceData, target_store: TopkStore, target_tokenizer) -> bool:
+    """Is this source the target model itself (same store, or same weights and tokenizer)?"""
+    if Path(source.store.dir).resolve() == Path(target_store.dir).resolve():
+        return True
+    fingerprint = source.store.meta.get("model_fingerprint")
+    return (
+        fingerprint is not None
+        and fingerprint == target_store.meta.get("model_fingerprint")
+        and tokenizer_fingerprint(source.tokenizer) == tokenizer_fingerprint(target_tokenizer)
+    )
 
 
 def _sequence_ce(record: TopkRecord, n_bytes: int, unit: str) -> float:
@@ -91,10 +120,13 @@ def _align(text, target_tokenizer, t_ends, source, record, alignment):
 
 def fuse_piece(
     text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k,
-    alignment="offsets",
+    alignment="offsets", duplicates=(),
 ):
-    """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring."""
-    t_ids, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_record.input_ids[:-1])
+    """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring.
+
+    `duplicates`: indices of sources that are the target itself; they are not candidates again.
+    """
+    _, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_record.input_ids[:-1])
     target_next = np.append(target_record.input_ids[1:], -1)
     n_bytes = len(text.encode("utf-8"))
     candidates = [(target_record.ids[:, :k], target_record.logprobs[:, :k])]
@@ -105,28 +137,40 @@ def fuse_piece(
             raise StoreError("per-token fusion needs per-token CE, but the target store has none")
         # The target is always a candidate; after EOS nothing is predicted (CE is NaN there).
         tok_ce.append(np.nan_to_num(target_record.token_ce, nan=0.0))
-    stats = []
-    for source, record in zip(sources, source_records):
+    positions = len(target_next) - 1  # the last position (after EOS) predicts nothing
+    stats, column = [], []  # column: candidate index of each source (None: it is the target)
+    for n, (source, record) in enumerate(zip(sources, source_records)):
+        if n in duplicates:
+            stats.append({"positions": positions, "aligned": positions, "exact_top1": positions,
+                          "dropped_ids": 0, "wins": 0})
+            column.append(None)
+            continue
         pairs = _with_eos(_align(text, target_tokenizer, t_ends, source, record, alignment))
-        ids, lps = transfer(record.ids, record.logprobs, pairs, source.vocab_map.source_to_target, target_next, k)
+        vmap = source.vocab_map
+        ids, lps, dropped = transfer(record.ids, record.logprobs, pairs, vmap.source_to_target, target_next, k)
+        column.append(len(candidates))
         candidates.append((ids, lps))
         seq_ce.append(_sequence_ce(record, n_bytes, ce_unit))
         if granularity == "token":
             tok_ce.append(_token_ce(record, pairs, f"source '{source.name}'"))
-        aligned = pairs[:-1] >= 0  # the last position (after EOS) predicts nothing
+        aligned = pairs[:-1] >= 0
         top1 = record.ids[pairs[:-1][aligned], 0]
+        top1 = top1[(top1 >= 0) & (top1 < len(vmap))]  # empty slots and padding rows are not exact
         stats.append(
             {
-                "positions": int(len(aligned)),
+                "positions": positions,
                 "aligned": int(aligned.sum()),
-                "exact_top1": int(source.vocab_map.exact[top1].sum()),
+                "exact_top1": int(vmap.exact[top1].sum()),
+                "dropped_ids": dropped,
+                "wins": 0,
             }
         )
     ce = np.array(seq_ce) if granularity == "sequence" else np.stack(tok_ce)
     ids, lps, decision = fuse(candidates, ce, method=method, k=k)
     if method == "min_ce":
-        for n, stat in enumerate(stats, start=1):
-            stat["wins"] = int((decision == n).sum()) if granularity == "token" else int(decision[0] == n)
+        for c, stat in zip(column, stats):
+            if c is not None:
+                stat["wins"] = int((decision == c).sum()) if granularity == "token" else int(decision[0] == c)
     return ids, lps, stats
 
 
@@ -158,6 +202,10 @@ def build_fused_store(
     _check_store(target_store, target_tokenizer, pieces, "target")
     for source in sources:
         _check_store(source.store, source.tokenizer, pieces, f"source '{source.name}'")
+    target_rows = target_store.manifest["vocab_size"]
+    for source in sources:
+        _check_map(source, target_tokenizer, target_rows)
+    duplicates = tuple(n for n, s in enumerate(sources) if same_as_target(s, target_store, target_tokenizer))
     k = top_k or target_store.top_k
     meta = {
         "tokenizer_fingerprint": tokenizer_fingerprint(target_tokenizer),
@@ -166,13 +214,15 @@ def build_fused_store(
         "source_stores": [s.store.meta.get("model_fingerprint") for s in sources],
         "target_store": target_store.meta.get("model_fingerprint"),
         "vocab_maps": [s.vocab_map.key for s in sources],
+        "vocab_map_methods": [s.vocab_map.method for s in sources],
+        "same_as_target": [s.name for n, s in enumerate(sources) if n in duplicates],
         "method": method,
         "granularity": granularity,
         "ce_unit": ce_unit,
         "alignment": alignment,
     }
     writer = TopkWriter(
-        Path(out_dir), top_k=k, vocab_size=target_store.manifest["vocab_size"], meta=meta, shard_size=shard_size
+        Path(out_dir), top_k=k, vocab_size=target_rows, meta=meta, shard_size=shard_size
     )
     bar = tqdm(total=len(pieces), desc=f"fuse ({method}, {granularity})", unit="piece", disable=not progress)
     for shard_index, start in enumerate(range(0, len(pieces), shard_size)):
@@ -181,12 +231,13 @@ def build_fused_store(
             bar.update(stop - start)
             continue
         records = []
-        totals = {s.name: {"positions": 0, "aligned": 0, "exact_top1": 0, "wins": 0} for s in sources}
+        totals = {s.name: dict.fromkeys(_COUNTS, 0) for s in sources}
         for i in range(start, stop):
             target_record = target_store[i]
             ids, lps, stats = fuse_piece(
                 pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
                 method=method, granularity=granularity, ce_unit=ce_unit, k=k, alignment=alignment,
+                duplicates=duplicates,
             )
             for source, stat in zip(sources, stats):
                 for key, value in stat.items():
@@ -195,19 +246,29 @@ def build_fused_store(
             bar.update(1)
         writer.write_shard(records, source_sha256=sha256_texts(pieces[start:stop]), stats=totals)
     bar.close()
-    return writer.finish(sources_stats=_summarise(writer.manifest["shards"], sources, granularity, len(pieces)))
+    summary = _summarise(writer.manifest["shards"], sources, granularity, len(pieces), duplicates)
+    return writer.finish(sources_stats=summary)
 
 
-def _summarise(shards: list, sources: Sequence[SourceData], granularity: str, n_pieces: int) -> dict:
+_COUNTS = ("positions", "aligned", "exact_top1", "wins", "dropped_ids")
+
+
+def _summarise(shards: list, sources: Sequence[SourceData], granularity: str, n_pieces: int, duplicates) -> dict:
+    """Per source: shares for the logs, and `dropped_ids`, the top-k ids past its tokenizer.
+
+    A source that is the target itself reports `same_as_target` = 1 and no wins of its own (its
+    distribution is the target's, which wins for it).
+    """
     out = {}
-    for source in sources:
-        t = {key: sum(shard["stats"][source.name][key] for shard in shards) for key in
-             ("positions", "aligned", "exact_top1", "wins")}
+    for n, source in enumerate(sources):
+        t = {key: sum(shard["stats"][source.name].get(key, 0) for shard in shards) for key in _COUNTS}
         decisions = t["positions"] if granularity == "token" else n_pieces
         out[source.name] = {
             "aligned_coverage": t["aligned"] / max(t["positions"], 1),
             "exact_map_rate_top1": t["exact_top1"] / max(t["aligned"], 1),
             "exact_map_rate_vocab": float(source.vocab_map.exact.mean()),
             "min_ce_win_rate": t["wins"] / max(decisions, 1),
+            "dropped_ids": t["dropped_ids"],
+            "same_as_target": int(n in duplicates),
         }
     return out

@@ -59,12 +59,16 @@ def transfer(
     source_to_target: np.ndarray,
     target_next: np.ndarray,
     k: int,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, int]:
     """A source's top-k moved onto the target's positions and vocabulary.
 
     Aligned target position i takes the source row `alignment[i]`, each id mapped through the
-    vocabulary map (unmapped ids dropped; ids that land on the same target id merge by
-    log-sum-exp). Unaligned positions get the one-hot of the target's next token (as the paper).
+    vocabulary map; ids that land on the same target id merge by log-sum-exp (the mass the
+    source put on that continuation is kept whole). Dropped before any lookup: empty slots
+    (id -1 or -inf) and ids past the end of the map, i.e. padding rows of a model whose output
+    is larger than its tokenizer (MPT-7B: 50,432 rows for ~50,277 tokens); unmapped ids are
+    dropped too. Unaligned positions, and aligned ones left with nothing, get the one-hot of
+    the target's next token (as the paper). Returns (ids, logprobs, padded ids dropped).
     """
     if len(alignment) != len(target_next):
         raise ValueError(
@@ -72,16 +76,23 @@ def transfer(
         )
     ids, lp = one_hot_topk(target_next, k)
     aligned = np.flatnonzero(alignment >= 0)
-    if aligned.size:
-        rows = alignment[aligned]
-        if rows.max() >= len(source_ids):
-            raise ValueError(
-                f"alignment points at source position {rows.max()}, source has {len(source_ids)}"
-            )
-        mapped = source_to_target[source_ids[rows]]
-        vals = np.where(mapped >= 0, source_logprobs[rows], -np.inf)
-        ids[aligned], lp[aligned] = merge_topk(mapped, vals, k)
-    return ids, lp.astype(np.float32)
+    if not aligned.size:
+        return ids, lp, 0
+    rows = alignment[aligned]
+    if rows.max() >= len(source_ids):
+        raise ValueError(
+            f"alignment points at source position {rows.max()}, source has {len(source_ids)}"
+        )
+    src, vals = source_ids[rows], source_logprobs[rows]
+    filled = (src >= 0) & np.isfinite(vals)
+    padded = filled & (src >= len(source_to_target))
+    usable = filled & ~padded
+    mapped = np.full(src.shape, EMPTY_ID, dtype=np.int64)
+    mapped[usable] = source_to_target[src[usable]]
+    moved_ids, moved_lp = merge_topk(mapped, np.where(mapped >= 0, vals, -np.inf), k)
+    keep = moved_ids[:, 0] >= 0  # rows where nothing survived keep the one-hot
+    ids[aligned[keep]], lp[aligned[keep]] = moved_ids[keep], moved_lp[keep]
+    return ids, lp.astype(np.float32), int(padded.sum())
 
 
 def _candidate_stack(candidates) -> tuple[np.ndarray, np.ndarray]:
@@ -114,30 +125,87 @@ def min_ce(candidates, ce) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids[winner, rows], lps[winner, rows], winner
 
 
-def avg_ce(candidates, ce, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """AvgCE: mix the candidates with weights proportional to exp(-CE), then keep the top-k.
+def renormalise(ids: np.ndarray, logprobs: np.ndarray) -> np.ndarray:
+    """Log-probabilities of the kept top-k, renormalised to sum to 1 per row (empty rows stay empty).
 
-    Returns (ids, logprobs, weights [C, T]).
+    This is what the published collator does to every candidate (a softmax over its k values)
+    before mixing: each candidate then brings exactly its weight, whatever mass its top-k held.
     """
-    ids, lps = _candidate_stack(candidates)
-    costs = _ce_matrix(ce, len(candidates), ids.shape[1])
-    if np.isinf(costs.min(axis=0)).any():
-        raise ValueError("AvgCE: some position has no candidate with a finite CE")
-    shifted = -(costs - costs.min(axis=0, keepdims=True))
-    weights = np.exp(shifted)
-    weights /= weights.sum(axis=0, keepdims=True)
+    valid = (ids >= 0) & np.isfinite(logprobs)
+    lp = np.where(valid, logprobs.astype(np.float64), -np.inf)
+    peak = lp.max(axis=-1, keepdims=True)
+    peak = np.where(np.isfinite(peak), peak, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_z = np.log(np.exp(lp - peak).sum(axis=-1, keepdims=True)) + peak
+        return np.where(valid, lp - log_z, -np.inf)
+
+
+def published_weights(costs: np.ndarray) -> np.ndarray:
+    """softmax over candidates of exp(-CE): the published code calls 1/exp(CE) the reward and
+    softmaxes the rewards. Rewards live in (0, 1], so the weights are flat: CEs of 1 and 3 nats
+    weigh 0.58 / 0.42 (softmax(-CE) would say 0.88 / 0.12). Absent candidates (inf) weigh 0."""
+    reward = np.where(np.isfinite(costs), np.exp(-costs), -np.inf)
+    weights = np.exp(reward - reward.max(axis=0, keepdims=True))
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def boltzmann_weights(costs: np.ndarray) -> np.ndarray:
+    """softmax over candidates of -CE, i.e. weights proportional to exp(-CE) (our earlier variant)."""
+    weights = np.exp(-(costs - costs.min(axis=0, keepdims=True)))
+    return weights / weights.sum(axis=0, keepdims=True)
+
+
+def _mix(ids, lps, weights, k):
+    """sum_c w_c P_c per position, as a top-k (duplicate ids add up)."""
     with np.errstate(divide="ignore"):
         log_w = np.log(weights)[:, :, None]
     mixed_ids = ids.transpose(1, 0, 2).reshape(ids.shape[1], -1)
     mixed_lp = (lps + log_w).transpose(1, 0, 2).reshape(ids.shape[1], -1)
     out_ids, out_lp = merge_topk(mixed_ids, mixed_lp, k)
-    return out_ids, out_lp.astype(np.float32), weights
+    return out_ids, out_lp.astype(np.float32)
+
+
+def _costs(candidates, ce):
+    ids, lps = _candidate_stack(candidates)
+    costs = _ce_matrix(ce, len(candidates), ids.shape[1])
+    if np.isinf(costs.min(axis=0)).any():
+        raise ValueError("AvgCE: some position has no candidate with a finite CE")
+    return ids, lps, costs
+
+
+def avg_ce(candidates, ce, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AvgCE as published: each candidate's top-k renormalised, mixed with weights
+    softmax(exp(-CE)) over the candidates present, then the k largest kept.
+
+    Returns (ids, logprobs, weights [C, T]).
+    """
+    ids, lps, costs = _costs(candidates, ce)
+    weights = published_weights(costs)
+    return (*_mix(ids, renormalise(ids, lps), weights, k), weights)
+
+
+def avg_ce_unnormalised(candidates, ce, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Our earlier AvgCE, kept for comparison: weights softmax(-CE) (proportional to exp(-CE))
+    and each candidate's top-k mixed as stored, not renormalised, so a one-hot row (mass 1)
+    outweighs a real top-k (mass < 1) given the same weight.
+
+    Returns (ids, logprobs, weights [C, T]).
+    """
+    ids, lps, costs = _costs(candidates, ce)
+    weights = boltzmann_weights(costs)
+    return (*_mix(ids, lps, weights, k), weights)
+
+
+FUSIONS = ("min_ce", "avg_ce", "avg_ce_unnormalised")
 
 
 def fuse(candidates, ce, *, method: str = "min_ce", k: int | None = None):
-    """Dispatch to MinCE or AvgCE; returns (ids, logprobs, winner-or-weights)."""
+    """Dispatch on `method` (one of FUSIONS); returns (ids, logprobs, winner-or-weights)."""
     if method == "min_ce":
         return min_ce(candidates, ce)
+    k = k or candidates[0][0].shape[1]
     if method == "avg_ce":
-        return avg_ce(candidates, ce, k or candidates[0][0].shape[1])
-    raise ValueError(f"unknown fusion method {method!r}; expected 'min_ce' or 'avg_ce'")
+        return avg_ce(candidates, ce, k)
+    if method == "avg_ce_unnormalised":
+        return avg_ce_unnormalised(candidates, ce, k)
+    raise ValueError(f"unknown fusion method {method!r}; expected one of {', '.join(FUSIONS)}")

@@ -6,9 +6,13 @@ P_fused is known only on k ids per position (the fused top-k, renormalised with 
 temperature tau). Both terms need the student's log-partition function log Z = logsumexp(logits)
 and the student's logits at a few ids, so the whole loss is
 
-    per position:  log Z - lam * z[label] - (1 - lam) * sum_j q_j z[id_j]     (sum_j q_j = 1)
+    per position:  c * log Z - lam * z[label] - (1 - lam) * sum_j q_j z[id_j]
 
-and its gradient w.r.t. the logits is softmax(z) - lam * onehot(label) - (1 - lam) * scatter(q).
+with c = 1 (sum_j q_j = 1) where the fused row has a usable entry, and c = lam, q = 0 where it
+has none (every slot empty or -inf): such a row has no teacher, so it adds no fusion term, as
+the dense formula's all-zero target row would (scoring it log Z would push the student towards
+the uniform distribution). The gradient w.r.t. the logits is
+c * softmax(z) - lam * onehot(label) - (1 - lam) * scatter(q).
 We compute both with an explicit autograd Function, a chunk of rows at a time: peak memory is
 the logits' gradient plus one float32 (float64 for float64 logits) chunk, never a dense [B, L, V] target (the published
 collator builds one per source, ~130 MB per sample at V = 32k).
@@ -23,13 +27,17 @@ _CHUNK_ROWS = 256  # rows per float32 chunk: bounds the temporary memory
 
 
 def _soft_targets(topk_ids, topk_logprobs, temperature):
-    """Renormalise the kept top-k values; padded slots (id < 0) get weight 0."""
-    valid = topk_ids >= 0
+    """Renormalise the kept top-k values; empty slots (id < 0 or -inf) get weight 0.
+
+    Returns (q, ids, has): `has` marks rows with at least one usable slot; other rows get q = 0.
+    """
     dtype = torch.promote_types(topk_logprobs.dtype, torch.float32)
+    valid = (topk_ids >= 0) & torch.isfinite(topk_logprobs)
+    has = valid.any(dim=-1)
     scaled = torch.where(valid, topk_logprobs.to(dtype) / temperature, float("-inf"))
-    q = torch.softmax(scaled, dim=-1)
-    q = torch.where(valid, q, 0.0)  # rows with no valid slot would be NaN: zero them
-    return q, topk_ids.clamp(min=0)
+    scaled = torch.where(has[:, None], scaled, 0.0)  # keep the softmax finite on empty rows
+    q = torch.where(valid, torch.softmax(scaled, dim=-1), 0.0)
+    return q, topk_ids.clamp(min=0), has
 
 
 class _SparseFusionCE(torch.autograd.Function):
@@ -40,7 +48,7 @@ class _SparseFusionCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, rows, labels, ids, q, lam, scale):
+    def forward(ctx, logits, rows, labels, ids, q, has, lam, scale):
         acc = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
         clm_sum = logits.new_zeros((), dtype=acc)
         fuse_sum = logits.new_zeros((), dtype=acc)
@@ -50,8 +58,9 @@ class _SparseFusionCE(torch.autograd.Function):
             log_z = torch.logsumexp(z, dim=-1)
             clm_sum += (log_z - z.gather(-1, labels[part, None]).squeeze(-1)).sum()
             if ids is not None:
-                fuse_sum += (log_z - (q[part].to(acc) * z.gather(-1, ids[part])).sum(-1)).sum()
-        ctx.save_for_backward(logits, rows, labels, ids, q)
+                fused = log_z - (q[part].to(acc) * z.gather(-1, ids[part])).sum(-1)
+                fuse_sum += torch.where(has[part], fused, 0.0).sum()
+        ctx.save_for_backward(logits, rows, labels, ids, q, has)
         ctx.lam, ctx.scale = lam, scale
         ctx.mark_non_differentiable(clm_sum, fuse_sum)
         total = (lam * clm_sum + (1.0 - lam) * fuse_sum) * scale
@@ -59,18 +68,20 @@ class _SparseFusionCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_clm, _grad_fuse):
-        logits, rows, labels, ids, q = ctx.saved_tensors
+        logits, rows, labels, ids, q, has = ctx.saved_tensors
         lam, coef = ctx.lam, ctx.scale * grad_total
         grad = torch.zeros_like(logits)
         for start in range(0, rows.numel(), _CHUNK_ROWS):
             part = slice(start, start + _CHUNK_ROWS)
             acc = torch.promote_types(logits.dtype, torch.float32)
             g = torch.softmax(logits.index_select(0, rows[part]).to(acc), dim=-1)
+            if ids is not None:  # softmax weight c: 1 with a fusion term, lam without
+                g = torch.where(has[part, None], g, g * lam)
             g.scatter_add_(-1, labels[part, None], g.new_full((g.shape[0], 1), -lam))
             if ids is not None:
                 g.scatter_add_(-1, ids[part], -(1.0 - lam) * q[part].to(g.dtype))
             grad.index_copy_(0, rows[part], (g * coef).to(grad.dtype))
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _check_shapes(logits, labels, topk_ids, topk_logprobs):
@@ -118,10 +129,10 @@ def fusion_loss_parts(logits, labels, topk_ids=None, topk_logprobs=None, lam=0.9
         raise ValueError(
             f"labels must be -100 or in [0, {vocab}); got {targets.min().item()}..{targets.max().item()}"
         )
-    ids = q = None
+    ids = q = has = None
     if topk_ids is not None and lam < 1.0:
         k = topk_ids.shape[-1]
-        q, ids = _soft_targets(
+        q, ids, has = _soft_targets(
             topk_ids.reshape(-1, k).index_select(0, rows),
             topk_logprobs.reshape(-1, k).index_select(0, rows),
             temperature,
@@ -129,7 +140,9 @@ def fusion_loss_parts(logits, labels, topk_ids=None, topk_logprobs=None, lam=0.9
         if ids.max() >= vocab:
             raise ValueError(f"topk_ids must be < vocab size {vocab}; got {ids.max().item()}")
     flat = logits.reshape(batch * length, vocab)
-    total, clm, fuse = _SparseFusionCE.apply(flat, rows, targets, ids, q, float(lam), 1.0 / rows.numel())
+    total, clm, fuse = _SparseFusionCE.apply(
+        flat, rows, targets, ids, q, has, float(lam), 1.0 / rows.numel()
+    )
     return total, clm, fuse
 
 

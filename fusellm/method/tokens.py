@@ -125,8 +125,8 @@ class Vocabulary:
     """A tokenizer's vocabulary in canonical form.
 
     `canonical[i]` is the surface text of id i (None for special/control tokens, which are never
-    mapped by string), `byte_fallback[i]` marks `<0xNN>` entries, `roles` maps special roles
-    (bos, eos, unk, pad) to ids.
+    mapped by string, and for padding rows), `byte_fallback[i]` marks `<0xNN>` entries, `roles`
+    maps special roles (bos, eos, unk, pad) to ids.
     """
 
     canonical: list[str | None]
@@ -135,6 +135,16 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.canonical)
+
+
+def is_padding_row(piece: str, tid: int) -> bool:
+    """A placeholder for an unused row of a padded vocabulary: it stands for no text.
+
+    Vocabularies padded to a round size (MPT's 50,432 rows for 50,277 entries) list the extra
+    rows as `[PAD<id>]` once converted by llama.cpp. Read as text they would map onto "[" and
+    steal probability mass; they must map nowhere, like rows past the end of the tokenizer.
+    """
+    return piece == f"[PAD{tid}]"
 
 
 def canonical_vocabulary(tokenizer) -> Vocabulary:
@@ -150,7 +160,7 @@ def canonical_vocabulary(tokenizer) -> Vocabulary:
     canonical: list[str | None] = []
     fallback = np.zeros(size, dtype=bool)
     for tid, piece in enumerate(pieces):
-        if piece is None or tid in special_ids:
+        if piece is None or tid in special_ids or is_padding_row(piece, tid):
             canonical.append(None)
             continue
         if tid in added:  # added (non-special) tokens are matched literally, not decoded
