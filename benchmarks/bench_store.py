@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.feather as feather
 import torch
 from _common import emit, load_tokenizer, real_text
+from pyarrow import feather
 
 from fusellm.data.extract import extract_topk
 from fusellm.data.store import open_topk

@@ -25,10 +25,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fusellm.method.loss import fusion_loss_parts
+from fusellm.testing.synthetic import synthetic_records
 from fusellm.train.collator import collate
 from fusellm.train.config import TrainConfig
 from fusellm.train.engine import build_engine, init_distributed, micro_step
-from fusellm.testing.synthetic import synthetic_records
 
 # Llama-shaped sizes; "1b" is TinyLlama-1.1B's shape with Llama-2's 32k vocabulary.
 SIZES = {

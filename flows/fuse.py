@@ -7,13 +7,13 @@ unit of stage work is a task, and a unit whose content-addressed folder exists i
 
 from __future__ import annotations
 
+from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow, get_run_logger
 
 from fusellm import tracking
 from fusellm.config import FusionConfig
 from fusellm.stages import pipeline
 from fusellm.stages.registry import write_record
-from fusellm_tasks.stages import PrefectExecutor
 
 
 @flow(name="fuse", log_prints=True)

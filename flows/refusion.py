@@ -8,13 +8,13 @@ content-addressed stages recompute only what depends on the change.
 
 from __future__ import annotations
 
+from fusellm_flows.fuse import fuse
+from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow, get_run_logger
 
 from fusellm.config import FusionConfig, load_fusion_config
 from fusellm.stages.prepare import resolve_identities
 from fusellm.stages.registry import changed_inputs
-from fusellm_flows.fuse import fuse
-from fusellm_tasks.stages import PrefectExecutor
 
 
 @flow(name="refusion")

@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fusellm.io.corpus import CorpusRef
 from fusellm.io.sources import ModelRef
-from fusellm.train.config import TrainConfig
 from fusellm.io.uris import LocalURI, parse_uri
 from fusellm.io.yaml_config import describe, read_yaml
+from fusellm.train.config import TrainConfig
 
 
 class FusionConfigError(ValueError):
@@ -60,7 +60,7 @@ class ExtractionConfig(_Section):
 
 
 class AlignmentConfig(_Section):
-    """Token alignment (DESIGN.md §2.4): character offsets, or the published DTW for comparison."""
+    """Token alignment (docs/design.md §2.4): character offsets, or the published DTW for comparison."""
 
     method: Literal["offsets", "dtw"] = "offsets"
 
@@ -68,9 +68,18 @@ class AlignmentConfig(_Section):
 class FusionOptions(_Section):
     """Fusion function over the candidates (target's own + each aligned source)."""
 
-    method: Literal["min_ce", "avg_ce"] = "min_ce"
+    method: Literal["min_ce", "avg_ce", "avg_ce_unnormalised"] = Field(
+        "min_ce",
+        description="min_ce: the candidate of lowest CE; avg_ce: candidates mixed as published "
+        "(renormalised top-k, weights softmax(exp(-CE))); avg_ce_unnormalised: an earlier variant",
+    )
     granularity: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["byte", "token"] = "byte"
+    vocab_map: Literal["prefix", "mined"] = Field(
+        "prefix",
+        description="prefix: the longest target token that is a prefix of the source token's "
+        "text (always a valid continuation); mined: the published minimum edit distance",
+    )
     workers: int | None = Field(
         None, ge=1, description="align-and-fuse shards built at once, each in its own process "
         "(default: the cores of this machine)"
@@ -211,9 +220,9 @@ def _rebase_paths(data: dict, base: Path) -> dict:
     if isinstance(data.get("workdir"), str) and not Path(data["workdir"]).is_absolute():
         data["workdir"] = str(base / data["workdir"])
     evaluation = data.get("evaluation")
-    if isinstance(evaluation, dict) and isinstance(evaluation.get("data_dir"), str):
-        if not Path(evaluation["data_dir"]).is_absolute():
-            data["evaluation"] = {**evaluation, "data_dir": str(base / evaluation["data_dir"])}
+    data_dir = evaluation.get("data_dir") if isinstance(evaluation, dict) else None
+    if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
+        data["evaluation"] = {**evaluation, "data_dir": str(base / evaluation["data_dir"])}
     return data
 
 

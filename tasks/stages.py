@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
-from fusellm.stages.base import Artifact, Unit
+from fusellm.stages.base import Artifact, Unit, build_in_pool, process_pool
 from fusellm.stages.pipeline import Executor, MlflowTracker
 
 NETWORK_RETRIES = 3
@@ -23,9 +23,12 @@ NETWORK_STEPS = {"resolve-sources", "fetch-model"}
 
 
 @task(cache_policy=NO_CACHE)
-def run_unit(unit: Unit):
-    """Build one stage folder (or find it built): ``Cached`` when it already existed."""
-    artifact = unit.run()
+def run_unit(unit: Unit, pool=None):
+    """Build one stage folder (or find it built): ``Cached`` when it already existed.
+
+    `pool`: worker processes for CPU-bound units (align and fuse), past the GIL.
+    """
+    artifact = unit.run() if pool is None else build_in_pool(pool, unit)
     if artifact.reused:
         return Completed(data=artifact, name="Cached", message=f"{unit.stage}/{unit.key} exists")
     return artifact
@@ -58,8 +61,15 @@ class PrefectExecutor(Executor):
         self.tally.add(unit.stage, state.name)
         return state.result()
 
-    def run_all(self, units: list[Unit]) -> list[Artifact]:
-        futures = [self._task(u).submit(u) for u in units]
+    def run_all(self, units: list[Unit], workers: int = 1) -> list[Artifact]:
+        """All units as concurrent task runs; units meant for a process pool share one of
+        `workers` processes, so at most that many build at once."""
+        if workers > 1 and units and all(u.in_process_pool for u in units):
+            with process_pool(workers) as pool:
+                return self._gather(units, [self._task(u).submit(u, pool) for u in units])
+        return self._gather(units, [self._task(u).submit(u) for u in units])
+
+    def _gather(self, units: list[Unit], futures: list) -> list[Artifact]:
         out = []
         for unit, future in zip(units, futures):
             future.wait()

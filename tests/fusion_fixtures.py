@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
+
+from support import tiny_texts
 
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 
 EVAL_DATA = Path(__file__).parent / "data" / "eval"
-WORDS = (
-    "the cat sat on a mat while dogs run fast and birds sing over green hills near water "
-    "def return import class for in if else print value list"
-).split()
 
 
 def corpus_texts(n: int = 12, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for _ in range(n)]
+    return tiny_texts(n, seed, lengths=(20, 60))
 
 
 def write_corpus(folder: Path, texts: list[str]) -> Path:
@@ -30,7 +26,7 @@ def build_models(root: Path, texts: list[str]) -> dict[str, Path]:
     """A Llama-style source (SentencePiece BPE) and a GPT-NeoX-style one (byte-level BPE)."""
     spm = train_tokenizer(texts, kind="spm", vocab_size=300)
     byte = train_tokenizer(texts, kind="bytelevel", vocab_size=400)
-    small = dict(hidden=32, layers=1, heads=2, max_positions=256)
+    small = {"hidden": 32, "layers": 1, "heads": 2, "max_positions": 256}
     save_tiny(tiny_model("llama", spm, seed=0, **small), spm, root / "llama")
     save_tiny(tiny_model("gpt_neox", byte, seed=1, **small), byte, root / "neox")
     return {"llama": root / "llama", "neox": root / "neox"}
@@ -59,6 +55,7 @@ def fusion_dict(models: dict[str, str], corpus: str, workdir: Path, tracking_uri
         "corpus": {"uri": corpus},
         "pieces": {"block_size": 64, "margin": 8},
         "extraction": {"top_k": 4, "shard_size": 12, "batch_size": 4, "device": "cpu"},
+        "fusion": {"workers": 1},  # tiny shards: a process pool would cost more than it saves
         "training": {
             "global_batch": 4,
             "micro_batch": 2,

@@ -94,7 +94,6 @@ def test_pair_ends_linear_merge():
 
 
 def test_errors(real_tokenizers, tiny_tokenizers):
-    from transformers import GPT2Tokenizer
 
     llama, mpt = real_tokenizers["llama-spm"], real_tokenizers["mpt"]
     with pytest.raises(ValueError, match="empty"):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from pydantic import ValidationError
+from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 from fusellm.io.corpus import (
     CorpusError,
@@ -21,7 +20,6 @@ from fusellm.io.corpus import (
     iter_documents,
 )
 from fusellm.io.sources import SourceError, upload_dir
-from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 
 
 def docs(uri, **kw) -> list[str]:

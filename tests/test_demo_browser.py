@@ -57,7 +57,7 @@ def _run_tiny_demo(root: Path) -> Path:
     return home
 
 
-def test_demo_runs_show_in_the_prefect_and_mlflow_uis(tmp_path, page):  # noqa: F811
+def test_demo_runs_show_in_the_prefect_and_mlflow_uis(tmp_path, page):
     home = _run_tiny_demo(tmp_path)
     shots = Path(os.environ.get("FUSELLM_UI_SCREENSHOTS", tmp_path / "shots"))
     logs = tmp_path / "logs"

@@ -34,9 +34,9 @@ def results():
     }
     bpbs = {"src-a": [1.8, 2.5], "src-b": [1.9, 1.9], "clm": [1.7, 2.2], "fused": [1.6, 2.1]}
     out = {}
-    for model in accs:
+    for model, acc in accs.items():
         out[model] = {
-            "commonsense": _result(model, "commonsense", "acc", dict(zip(TASKS, accs[model]))),
+            "commonsense": _result(model, "commonsense", "acc", dict(zip(TASKS, acc))),
             "local": _result(
                 model,
                 "local",

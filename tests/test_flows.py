@@ -17,7 +17,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from fusion_fixtures import build_models, corpus_texts, fusion_dict, reseed_model, write_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -32,9 +31,9 @@ def harness(tmp_path_factory):
     from prefect.testing.utilities import prefect_test_harness
 
     home = tmp_path_factory.mktemp("prefect")
-    with temporary_settings({PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield home
+    settings = {PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}
+    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
+        yield home
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     first = _run(config)
     states = first["states"]
     (pieces,) = config.workdir.glob("pieces/*/stage.json")
-    shards = -(-json.loads(pieces.read_text())["info"]["pieces"] // config.extraction.shard_size)
+    shards = json.loads(pieces.read_text())["info"]["shards"]
     assert shards >= 2
     assert len(states["extract"]) == 2 * shards  # (target = llama source, neox) x shards
     assert first["computed"]["train"] == 2  # fused and CLM baseline
@@ -124,14 +123,15 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     reseed_model(models["neox"], seed=5)
     third = _run(config)
     new = {f.split("/")[0] for f in _folders(config.workdir) - before}
-    assert new == {"extract", "store", "fuse", "train", "evaluate", "compare", "register"}
+    assert new == {"extract", "store", "fuse", "fused", "train", "evaluate", "compare", "register"}
     computed = {k: v for k, v in third["computed"].items() if v}
     assert computed == {
         "resolve-sources": 1,
         "fetch-model": 3,
         "extract": shards,
         "store": 1,
-        "fuse": 1,
+        "fuse": shards,
+        "fused": 1,
         "train": 1,
         "evaluate": 2,
         "compare": 1,
@@ -145,8 +145,9 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
 
 
 def test_refusion_runs_only_when_inputs_changed(harness, fusion):
-    from fusellm.stages.registry import read_record
     from fusellm_flows.refusion import refusion
+
+    from fusellm.stages.registry import read_record
 
     config, models, _ = fusion
     if read_record(config) is None:  # run alone: make the first fusion
@@ -173,8 +174,9 @@ def test_refusion_needs_exactly_one_config(harness, fusion):
 
 def test_stage_flows_run_alone_from_the_cache(harness, fusion):
     """A stage deployed on its own reruns the stages before it as cache hits."""
-    from fusellm.stages.registry import read_record
     from fusellm_flows import stages
+
+    from fusellm.stages.registry import read_record
 
     config, _, _ = fusion
     if read_record(config) is None:
@@ -192,10 +194,10 @@ def test_stage_flows_run_alone_from_the_cache(harness, fusion):
 def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     """`fusellm run CONFIG` reads the YAML, applies the embedded defaults and runs `fuse`."""
     import yaml
+    from fusellm_flows.cli import app
     from typer.testing import CliRunner
 
     from fusellm.settings import embedded_defaults
-    from fusellm_flows.cli import app
 
     config, _, _ = fusion
     for name in embedded_defaults(tmp_path / "home"):  # restored after the test

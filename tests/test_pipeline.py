@@ -8,23 +8,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
 
 from fusellm.config import parse_fusion_config
+from fusellm.data.piece_shards import iter_all_pieces
 from fusellm.data.store import open_topk
 from fusellm.stages.base import Artifact, ModelFiles, StageError, build_stage, is_done, tokenizer_of
 from fusellm.stages.extraction import extract_key, extract_unit, store_key, store_unit
-from fusellm.stages.fusion import fuse_unit, vocab_unit
+from fusellm.stages.fusion import fuse_unit, fused_unit, vocab_unit
 from fusellm.stages.prepare import (
     fetch_model,
     pieces_key,
     pieces_unit,
-    read_pieces,
+    read_shard,
     resolve_identities,
     shard_count,
 )
 from fusellm.stages.registry import changed_inputs, write_record
 from fusellm.stages.training import train_key, training_config
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_keys_follow_content_and_relevant_parameters(setup):
 
 def test_pieces_fit_every_tokenizer(setup):
     config, _, target, sources, pieces = setup
-    texts = read_pieces(pieces)
+    texts = list(iter_all_pieces(pieces.path))
     assert len(texts) == pieces.info["pieces"] > 8  # the documents had to be cut
     limit = config.pieces.block_size - config.pieces.margin
     for model in [target, *sources]:
@@ -108,12 +109,12 @@ def test_pieces_fit_every_tokenizer(setup):
 
 def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
     config, _, target, sources, pieces = setup
-    n = shard_count(pieces, config.extraction)
+    n = shard_count(pieces)
     assert n >= 2
     shards = [extract_unit(target, pieces, i, config, progress=False).run() for i in range(n)]
     merged = store_unit(target, shards, pieces, config.workdir).run()
     store = open_topk(merged.path / "store")  # checksums verified on read
-    texts = read_pieces(pieces)
+    texts = list(iter_all_pieces(pieces.path))
     assert len(store) == len(texts) and len(store.manifest["shards"]) == n
     tok = tokenizer_of(target)
     for i in (0, len(texts) - 1):
@@ -129,11 +130,18 @@ def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
     neox = sources[1]
     neox_shards = [extract_unit(neox, pieces, i, config, progress=False).run() for i in range(n)]
     neox_store = store_unit(neox, neox_shards, pieces, config.workdir).run()
+    assert len(open_topk(neox_store.path / "store")) == len(texts)
     vmap = vocab_unit(neox, target, config, progress=False).run()
     assert 0 < vmap.info["exact_rate"] <= 1
     assert json.loads((vmap.path / "stats.json").read_text())["source_vocab"] > 0
-    fused = fuse_unit(pieces, target, merged, [(neox, neox_store, vmap)], config, progress=False)
-    fused = fused.run()
+    fused_shards = [
+        fuse_unit(pieces, i, target, shards[i], [(neox, neox_shards[i], vmap)], config).run()
+        for i in range(n)
+    ]
+    fused = fused_unit(fused_shards, [vmap], pieces, config).run()
+    assert (fused.path / "store" / "shard-00000.safetensors").stat().st_ino == (
+        fused_shards[0].path / "store" / "shard-00000.safetensors"
+    ).stat().st_ino  # joined without copying
     stats = fused.info["sources_stats"]["neox"]
     assert 0 < stats["aligned_coverage"] <= 1 and 0 <= stats["min_ce_win_rate"] <= 1
     assert len(open_topk(fused.path / "store")) == len(texts)
@@ -159,7 +167,52 @@ def test_run_record_tells_what_changed(setup):
     assert changed_inputs(other, ids) is None  # another config has its own record
 
 
+def test_a_shard_reads_only_its_own_pieces(setup, monkeypatch):
+    """Extracting or fusing shard i opens pieces shard i and no other pieces file."""
+    import builtins
+    import io
+
+    config, _, target, sources, pieces = setup
+    n = shard_count(pieces)
+    assert n >= 3
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy(file, *args, **kwargs):
+        if str(file).startswith(str(pieces.path)):
+            opened.append(Path(file).name)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)  # what pathlib's read_text goes through
+    shard = n - 2
+    ex_config = config.model_copy(
+        update={"extraction": config.extraction.model_copy(update={"top_k": 3})}
+    )
+    target_shard = extract_unit(target, pieces, shard, ex_config, progress=False).run()
+    neox_shard = extract_unit(sources[1], pieces, shard, ex_config, progress=False).run()
+    assert set(opened) - {"pieces.json"} == {f"pieces-{shard:05d}.jsonl"}
+    opened.clear()
+    vmap = vocab_unit(sources[1], target, config, progress=False).run()
+    fuse_unit(pieces, shard, target, target_shard, [(sources[1], neox_shard, vmap)], ex_config).run()
+    assert set(opened) - {"pieces.json"} == {f"pieces-{shard:05d}.jsonl"}
+
+
+def test_a_changed_pieces_shard_is_named(setup, tmp_path):
+    import shutil
+
+    _, _, _, _, pieces = setup
+    copy = tmp_path / "pieces"
+    shutil.copytree(pieces.path, copy)
+    victim = copy / "pieces-00001.jsonl"
+    victim.write_text(victim.read_text()[:-3])
+    broken = Artifact("pieces", pieces.key, copy, pieces.info)
+    assert read_shard(broken, 0)  # the others stay readable
+    with pytest.raises(StageError, match="pieces-00001.jsonl: checksum mismatch"):
+        read_shard(broken, 1)
+
+
 def test_missing_pieces_file_is_named(tmp_path):
-    broken = Artifact("pieces", "k", tmp_path, {"pieces": 3})
-    with pytest.raises(StageError, match="pieces.jsonl"):
-        read_pieces(broken)
+    broken = Artifact("pieces", "k", tmp_path, {"pieces": 3, "shards": 1})
+    with pytest.raises(StageError, match="pieces.json"):
+        read_shard(broken, 0)

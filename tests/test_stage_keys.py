@@ -15,10 +15,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from fusion_fixtures import EVAL_DATA, build_models, corpus_texts, fusion_dict, write_corpus
 
 from fusellm.config import FusionConfig, parse_fusion_config
 from fusellm.stages import pipeline
-from fusion_fixtures import EVAL_DATA, build_models, corpus_texts, fusion_dict, write_corpus
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -26,9 +26,9 @@ P = {"pieces"}
 E_LLAMA = {"extract-llama", "store-llama"}
 E_NEOX = {"extract-neox", "store-neox"}
 E_TARGET = {"extract-target", "store-target"}
-FUSED = {"fuse-data", "train-fused", "evaluate-fused-local", "compare", "register"}
+FUSED = {"fuse", "fused-data", "train-fused", "evaluate-fused-local", "compare", "register"}
 BASELINE = {"train-baseline", "evaluate-baseline-local", "compare", "register"}
-TRAINED = (FUSED | BASELINE) - {"fuse-data"}  # what a training field touches
+TRAINED = (FUSED | BASELINE) - {"fuse", "fused-data"}  # what a training field touches
 AFTER_PIECES = E_LLAMA | E_NEOX | FUSED | BASELINE
 EVERY_EVAL = {f"evaluate-{m}-local" for m in ("fused", "baseline", "llama", "neox")}
 
@@ -46,7 +46,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "pieces.block_size": (80, P | AFTER_PIECES),
     "pieces.margin": (10, P | AFTER_PIECES),
     "extraction.top_k": (3, E_LLAMA | E_NEOX | FUSED),
-    "extraction.shard_size": (7, E_LLAMA | E_NEOX | FUSED),
+    "extraction.shard_size": (7, P | AFTER_PIECES),
     "extraction.token_ce": (False, E_LLAMA | E_NEOX | FUSED),
     "extraction.batch_size": (2, set()),
     "extraction.device": ("auto", set()),
@@ -54,7 +54,8 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "fusion.method": ("avg_ce", FUSED),
     "fusion.granularity": ("token", FUSED),
     "fusion.ce_unit": ("token", FUSED),
-    "fusion.shard_size": (5, FUSED),
+    "fusion.vocab_map": ("mined", {"vocab-map-llama", "vocab-map-neox"} | FUSED),
+    "fusion.workers": (2, set()),
     "training.lam": (0.5, {"train-fused", "evaluate-fused-local", "compare", "register"}),
     "training.temperature": (2.0, {"train-fused", "evaluate-fused-local", "compare", "register"}),
     "training.learning_rate": (2e-3, TRAINED),
@@ -210,6 +211,7 @@ def test_alignment_method_reaches_training_in_a_real_run(fused):
     planned = _pending(config)
     ex = pipeline.Executor()
     pipeline.walk(config, ex)
+    shards = len(ex.tally.states["fuse"])
     assert ex.tally.computed() == {
         "resolve-sources": 1,
         "fetch-model": 3,
@@ -217,12 +219,13 @@ def test_alignment_method_reaches_training_in_a_real_run(fused):
         "extract": 0,
         "store": 0,
         "vocab": 0,
-        "fuse": 1,
+        "fuse": shards,
+        "fused": 1,
         "train": 1,
         "evaluate": 1,
         "compare": 1,
     }
-    assert planned == {"fuse-data", "train-fused", "evaluate-fused-local", "compare"}
+    assert planned == {"fuse", "fused-data", "train-fused", "evaluate-fused-local", "compare"}
     assert _pending(config) == set()
 
 
@@ -244,7 +247,8 @@ def test_changed_source_recomputes_what_the_plan_said(fused):
         "fetch-model": 3,
         "extract": shards,
         "store": 1,
-        "fuse": 1,
+        "fuse": shards,
+        "fused": 1,
         "train": 1,
         "evaluate": 2,
         "compare": 1,

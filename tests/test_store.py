@@ -3,9 +3,9 @@ import pytest
 
 from fusellm.data.store import (
     StoreError,
-    concat_stores,
     TopkRecord,
     TopkWriter,
+    concat_stores,
     decode_logprobs,
     encode_logprobs,
     open_topk,

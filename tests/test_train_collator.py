@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from fusellm.method.loss import fusion_loss_parts
 from fusellm.data.store import TopkRecord
+from fusellm.method.loss import fusion_loss_parts
+from fusellm.testing.synthetic import synthetic_records
 from fusellm.train.collator import collate
 from fusellm.train.data import DataOrder
-from fusellm.testing.synthetic import synthetic_records
 
 
 def _records(lengths, k=3, vocab=50, seed=0):

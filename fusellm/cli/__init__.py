@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import typer
 
+from fusellm.cli.ui import ui_command
 from fusellm.evaluate.cli import eval_command
 from fusellm.train.cli import train_command
-from fusellm.cli.ui import ui_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 

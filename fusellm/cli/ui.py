@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -67,12 +68,17 @@ def _interrupt(signum, frame) -> None:
 
 
 def ui_command(
-    start: bool = typer.Option(False, "--start", help="start both servers here and wait"),
-    data: Path | None = typer.Option(
-        None, "--data", help="project data folder (default: $FUSELLM_HOME, else ./.fusellm)"
-    ),
-    prefect_port: int = typer.Option(4200, help="port of the Prefect UI on 127.0.0.1"),
-    mlflow_port: int = typer.Option(5000, help="port of the MLflow UI on 127.0.0.1"),
+    start: Annotated[
+        bool, typer.Option("--start", help="start both servers here and wait")
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--home", "--data", help="project data folder (default: $FUSELLM_HOME, else ./.fusellm)"
+        ),
+    ] = None,
+    prefect_port: Annotated[int, typer.Option(help="port of the Prefect UI on 127.0.0.1")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="port of the MLflow UI on 127.0.0.1")] = 5000,
 ) -> None:
     """Print (or with --start, run) the Prefect and MLflow UIs over the embedded stores."""
     home = data_dir(data)

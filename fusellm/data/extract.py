@@ -1,4 +1,4 @@
-"""Extraction: run a model over text pieces and store its top-k next-token distributions (§2.2).
+"""Extraction: run a model over text pieces and store its top-k next-token distributions (docs/design.md §2.2).
 
 Only [batch, length, k] values and ids (plus the next-token CE) leave the device: the full
 [batch, length, vocab] logits never cross to the host. Pieces are tokenized with

@@ -246,29 +246,44 @@ def build_fused_store(
             bar.update(1)
         writer.write_shard(records, source_sha256=sha256_texts(pieces[start:stop]), stats=totals)
     bar.close()
-    summary = _summarise(writer.manifest["shards"], sources, granularity, len(pieces), duplicates)
+    summary = summarise_sources(
+        writer.manifest["shards"],
+        [s.name for s in sources],
+        [float(s.vocab_map.exact.mean()) for s in sources],
+        granularity,
+        len(pieces),
+        [n in duplicates for n in range(len(sources))],
+    )
     return writer.finish(sources_stats=summary)
 
 
 _COUNTS = ("positions", "aligned", "exact_top1", "wins", "dropped_ids")
 
 
-def _summarise(shards: list, sources: Sequence[SourceData], granularity: str, n_pieces: int, duplicates) -> dict:
-    """Per source: shares for the logs, and `dropped_ids`, the top-k ids past its tokenizer.
+def summarise_sources(
+    shards: list,
+    names: Sequence[str],
+    exact_rates: Sequence[float],
+    granularity: str,
+    n_pieces: int,
+    same_as_target: Sequence[bool],
+) -> dict:
+    """Per source, from the counts each shard recorded: shares for the logs, and `dropped_ids`,
+    the top-k ids past its tokenizer. Works on any run of shards (one store, or several joined).
 
     A source that is the target itself reports `same_as_target` = 1 and no wins of its own (its
     distribution is the target's, which wins for it).
     """
     out = {}
-    for n, source in enumerate(sources):
-        t = {key: sum(shard["stats"][source.name].get(key, 0) for shard in shards) for key in _COUNTS}
+    for name, exact_rate, same in zip(names, exact_rates, same_as_target):
+        t = {key: sum(shard["stats"][name].get(key, 0) for shard in shards) for key in _COUNTS}
         decisions = t["positions"] if granularity == "token" else n_pieces
-        out[source.name] = {
+        out[name] = {
             "aligned_coverage": t["aligned"] / max(t["positions"], 1),
             "exact_map_rate_top1": t["exact_top1"] / max(t["aligned"], 1),
-            "exact_map_rate_vocab": float(source.vocab_map.exact.mean()),
+            "exact_map_rate_vocab": float(exact_rate),
             "min_ce_win_rate": t["wins"] / max(decisions, 1),
             "dropped_ids": t["dropped_ids"],
-            "same_as_target": int(n in duplicates),
+            "same_as_target": int(same),
         }
     return out

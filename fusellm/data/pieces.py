@@ -1,4 +1,4 @@
-"""Cut corpus texts into pieces that fit every model's context (DESIGN.md §2.1).
+"""Cut corpus texts into pieces that fit every model's context (docs/design.md §2.1).
 
 FuseLLM feeds the *same characters* to every model: a piece is text, not token ids, and each model
 tokenizes it with its own tokenizer and appends its own EOS. So a piece is only valid when *every*

@@ -31,9 +31,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from safetensors import safe_open
@@ -291,7 +291,7 @@ class TopkStore:
                 raise StoreError(f"{path}: sha256 does not match the manifest (corrupted shard)")
             try:
                 with safe_open(str(path), framework="numpy") as f:
-                    arrays = {name: f.get_tensor(name) for name in f.keys()}
+                    arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
             except Exception as err:  # safetensors raises several types on damaged headers
                 raise StoreError(f"{path}: unreadable shard ({err})") from err
             if len(self._open) >= 4:  # keep memory bounded when streaming a large store

@@ -45,7 +45,7 @@ class DemoRecipe(BaseModel):
     top_k: int = Field(
         100, ge=1, description="kept per position; 10 in the paper, see docs/demo-recipe.md"
     )
-    method: Literal["min_ce", "avg_ce"] = "min_ce"
+    method: Literal["min_ce", "avg_ce", "avg_ce_unnormalised"] = "min_ce"
     granularity: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["byte", "token"] = "byte"
     lam: float = Field(0.9, ge=0, lt=1, description="CLM weight of the fused model")

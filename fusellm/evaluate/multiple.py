@@ -207,8 +207,8 @@ def _argv(template: tuple[str, ...], tools: dict[str, str]) -> list[str]:
 def execute(doc: dict, completion: str, language: str) -> SandboxResult:
     """Build and run one completed program in the sandbox."""
     tools = toolchain(language)
-    if isinstance(tools, str):
-        raise RuntimeError(tools)
+    if isinstance(tools, str):  # the reason the toolchain is missing
+        raise RuntimeError(tools)  # noqa: TRY004 (not a wrong argument type)
     lang = LANGUAGES[language]
     steps = [(_argv(cmd, tools), COMPILE_LIMITS, False) for cmd in lang.build]
     steps.append((_argv(lang.run, tools), RUN_LIMITS, True))

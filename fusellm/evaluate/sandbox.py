@@ -337,7 +337,7 @@ def run_in(
             start_new_session=True,
             # Limits, Landlock and the namespace must be set between fork and exec; the setup
             # imports nothing and takes no locks, which keeps preexec_fn safe enough here.
-            preexec_fn=_child_setup(str(workdir), limits, nproc, user, drop_user),
+            preexec_fn=_child_setup(str(workdir), limits, nproc, user, drop_user),  # noqa: PLW1509
         )
         timed_out = False
         try:

@@ -26,8 +26,8 @@ import hashlib
 import json
 import os
 from collections.abc import Iterator
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -65,10 +65,8 @@ def default_cache() -> Path:
 
 def iter_documents(ref: CorpusRef, cache_dir: str | Path | None = None) -> Iterator[str]:
     """Documents of the corpus, in a fixed order, at most `ref.limit` of them."""
-    count = 0
-    for doc in _documents(ref, cache_dir):
+    for count, doc in enumerate(_documents(ref, cache_dir), start=1):
         yield doc
-        count += 1
         if ref.limit is not None and count >= ref.limit:
             return  # before reading further: rows past the limit are never parsed
 

@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-
 from fusellm.io.files import sha256_file
 from fusellm.io.hub import fetch_hub, hub_commit
 from fusellm.io.s3 import (

@@ -1,7 +1,7 @@
 """Pair target and source token positions whose contexts end at the same character.
 
 The distribution at target position i predicts what follows the character where token t_i ends;
-a source position j can stand in for it only if s_j ends at that same character (DESIGN.md §2.4).
+a source position j can stand in for it only if s_j ends at that same character (docs/design.md §2.4).
 With character offsets from fast tokenizers this is a sorted-merge in linear time. The published
 method pairs token *strings* with quadratic DTW (`method="dtw"`, for comparison only) and can pair
 positions whose contexts end at different characters.

@@ -1,4 +1,4 @@
-"""Sparse distributions in the target vocabulary: transfer from a source, and fusion (§2.4-2.5).
+"""Sparse distributions in the target vocabulary: transfer from a source, and fusion (docs/design.md §2.4-2.5).
 
 A distribution over a large vocabulary is kept as its top-k: `ids` [T, k] (int64, -1 = empty
 slot) and `logprobs` [T, k] (float32, -inf = empty). Row t describes the token after position t.

@@ -1,4 +1,4 @@
-"""The FuseLLM objective, computed sparsely (DESIGN.md §2.6).
+"""The FuseLLM objective, computed sparsely (docs/design.md §2.6).
 
     L = lam * CLM + (1 - lam) * L_fuse,   L_fuse = -sum_v P_fused(v) log Q(v)
 

@@ -1,4 +1,4 @@
-"""Map a source vocabulary onto a target vocabulary (DESIGN.md §2.3).
+"""Map a source vocabulary onto a target vocabulary (docs/design.md §2.3).
 
 A source's top-k is moved into the target's vocabulary one id at a time, so the map decides
 which target token receives the mass the source put on each of its tokens. Two methods:

@@ -18,9 +18,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from fusellm.io.files import write_json_atomic
 from fusellm.io.fingerprint import sha256_json
@@ -109,6 +109,9 @@ class Unit:
     label: str
     workdir: Path
     build: Callable[[Path], dict] = field(repr=False, compare=False)
+    # CPU-bound Python (align and fuse): run in a worker process, past the GIL. Such a unit's
+    # `build` must pickle (a module-level function with its arguments, no closure).
+    in_process_pool: bool = False
 
     def run(self) -> Artifact:
         return build_stage(self.workdir, self.stage, self.key, self.build)
@@ -119,6 +122,37 @@ class Unit:
         if (final / STAGE_FILE).is_file():
             return _finished(final, self.stage, self.key)
         return Artifact(self.stage, self.key, final, {}, done=False)
+
+
+def process_pool(workers: int):
+    """Worker processes for CPU-bound units: spawned, so nothing of this process's threads,
+    locks or open files leaks into them; a unit's arguments travel by pickle."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def build_in_pool(pool, unit: Unit) -> Artifact:
+    """Build one unit in a worker process (or find it built); its folder is the result."""
+    if is_done(unit.workdir, unit.stage, unit.key):
+        return unit.run()
+    pool.submit(_run_unit, unit).result()  # re-raises the worker's error
+    done = unit.peek()
+    return Artifact(done.stage, done.key, done.path, done.info)
+
+
+def run_units_in_pool(units: list[Unit], workers: int) -> list[Artifact]:
+    """Build units in up to `workers` processes at once; results in the order given."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with process_pool(workers) as pool, ThreadPoolExecutor(workers) as waiters:
+        return list(waiters.map(lambda u: build_in_pool(pool, u), units))
+
+
+def _run_unit(unit: Unit) -> str:
+    unit.run()
+    return unit.key
 
 
 # ---------------------------------------------------------------------------------------------

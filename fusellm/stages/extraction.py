@@ -14,7 +14,7 @@ from fusellm.stages.base import (
     stage_key,
     tokenizer_of,
 )
-from fusellm.stages.prepare import read_pieces
+from fusellm.stages.prepare import read_shard
 
 
 def extract_key(model: ModelFiles, pieces: Artifact, shard: int | None, config: FusionConfig) -> str:
@@ -30,7 +30,6 @@ def extract_key(model: ModelFiles, pieces: Artifact, shard: int | None, config: 
         pieces=pieces.key,
         shard=shard,
         top_k=e.top_k,
-        shard_size=e.shard_size,
         token_ce=e.token_ce,
         max_length=config.pieces.block_size,
     )
@@ -54,9 +53,7 @@ def extract_unit(
     e = config.extraction
 
     def build(folder: Path) -> dict:
-        texts = read_pieces(pieces)[shard * e.shard_size : (shard + 1) * e.shard_size]
-        if not texts:
-            raise StageError(f"shard {shard} of {pieces.path} is empty")
+        texts = read_shard(pieces, shard)  # this shard's pieces only
         lm = load_model(model.path, model.ref).to(device_for(e.device))
         manifest = extract_topk(
             lm,

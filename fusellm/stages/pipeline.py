@@ -16,16 +16,17 @@ stage work is carried out and where its numbers are logged.
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 from fusellm.config import FusionConfig
-from fusellm.stages.base import Artifact, ModelFiles, Unit
+from fusellm.stages.base import Artifact, ModelFiles, Unit, run_units_in_pool
 from fusellm.stages.evaluation import Results, compare_unit, evaluate_unit, primary_scores
 from fusellm.stages.extraction import extract_unit, store_unit
-from fusellm.stages.fusion import fuse_unit, vocab_unit
+from fusellm.stages.fusion import fuse_unit, fused_unit, vocab_unit
 from fusellm.stages.prepare import fetch_model, pieces_unit, resolve_identities, shard_count
 from fusellm.stages.registry import register_unit
 from fusellm.stages.training import train_unit
@@ -130,9 +131,16 @@ class Executor:
         self.tally.add(unit.stage, state_name(artifact))
         return artifact
 
-    def run_all(self, units: list[Unit]) -> list[Artifact]:
-        """Independent units (extraction shards, vocabulary maps): may run in parallel."""
-        return [self.run(u) for u in units]
+    def run_all(self, units: list[Unit], workers: int = 1) -> list[Artifact]:
+        """Independent units (shards, vocabulary maps). Units meant for a process pool run in
+        up to `workers` processes at once; the others one after the other."""
+        if workers > 1 and units and all(u.in_process_pool for u in units):
+            artifacts = run_units_in_pool(units, workers)
+        else:
+            artifacts = [u.run() for u in units]
+        for unit, artifact in zip(units, artifacts):
+            self.tally.add(unit.stage, state_name(artifact))
+        return artifacts
 
 
 class PlanExecutor(Executor):
@@ -149,6 +157,9 @@ class PlanExecutor(Executor):
         artifact = unit.peek()
         self.units.append((unit, artifact))
         return artifact
+
+    def run_all(self, units: list[Unit], workers: int = 1) -> list[Artifact]:
+        return [self.run(u) for u in units]
 
     def pending(self) -> list[Unit]:
         return [u for u, a in self.units if not a.done]
@@ -167,7 +178,8 @@ class Fusion:
     target: ModelFiles | None = None
     sources: list[ModelFiles] = field(default_factory=list)
     pieces: Artifact | None = None
-    stores: dict[str, Artifact] = field(default_factory=dict)  # model identity -> store
+    shards: dict[str, list[Artifact]] = field(default_factory=dict)  # model identity -> shards
+    stores: dict[str, Artifact] = field(default_factory=dict)  # model identity -> merged store
     fused_data: Artifact | None = None
     trained: dict[str, Artifact] = field(default_factory=dict)  # "fused" / "baseline"
     results: Results = field(default_factory=dict)
@@ -212,23 +224,30 @@ def prepare(f: Fusion, ex: Executor) -> None:
     ex.tracker.tags(source_tags(f.identities))  # on the fusion run
 
 
+def _shards(f: Fusion) -> list[int | None]:
+    """Shard indices of the pieces; [None] ("all of them") in a plan made before they exist."""
+    n = shard_count(f.pieces)
+    return [None] if n is None else list(range(n))
+
+
 def extract(f: Fusion, ex: Executor) -> None:
     """Top-k extraction, one unit per model x shard (spread over workers), then one store each."""
     config = f.config
-    n = shard_count(f.pieces, config.extraction)
-    shards = [None] if n is None else list(range(n))
+    shards = _shards(f)
     with ex.tracker.stage("extract", params=config.extraction.model_dump()):
         units = [extract_unit(m, f.pieces, s, config) for m in f.models for s in shards]
         done = ex.run_all(units)
         for i, model in enumerate(f.models):
-            parts = done[i * len(shards) : (i + 1) * len(shards)]
+            f.shards[model.identity] = done[i * len(shards) : (i + 1) * len(shards)]
+            parts = f.shards[model.identity]
             store = ex.run(store_unit(model, parts, f.pieces, config.workdir))
             f.stores[model.identity] = store
             ex.tracker.metrics(store.info, prefix=f"extract/{model.name}")
 
 
 def align_and_fuse(f: Fusion, ex: Executor) -> None:
-    """Vocabulary maps per source, then the aligned, fused training store."""
+    """Vocabulary maps per source; one align-and-fuse unit per shard (worker processes, as
+    many at once as `fusion.workers`, default the cores); the fused shards joined."""
     config = f.config
     with ex.tracker.stage("align_fuse", params=config.fusion.model_dump()):
         maps = ex.run_all([vocab_unit(s, f.target, config) for s in f.sources])
@@ -237,9 +256,19 @@ def align_and_fuse(f: Fusion, ex: Executor) -> None:
             ex.tracker.metrics(
                 {"exact_rate": vmap.info.get("exact_rate")}, prefix=f"vocab/{source.name}"
             )
-        triples = [(m, f.stores[m.identity], v) for m, v in zip(f.sources, maps)]
-        target_store = f.stores[f.target.identity]
-        f.fused_data = ex.run(fuse_unit(f.pieces, f.target, target_store, triples, config))
+        units = [
+            fuse_unit(
+                f.pieces,
+                shard,
+                f.target,
+                f.shards[f.target.identity][i],
+                [(m, f.shards[m.identity][i], v) for m, v in zip(f.sources, maps)],
+                config,
+            )
+            for i, shard in enumerate(_shards(f))
+        ]
+        fused_shards = ex.run_all(units, workers=config.fusion.workers or os.cpu_count() or 1)
+        f.fused_data = ex.run(fused_unit(fused_shards, maps, f.pieces, config))
         for name, stats in f.fused_data.info.get("sources_stats", {}).items():
             ex.tracker.metrics(stats, prefix=f"fusion/{name}")
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from fusellm.config import ExtractionConfig, FusionConfig
-from fusellm.io.fingerprint import sha256_texts, tokenizer_fingerprint
+from fusellm.config import FusionConfig
+from fusellm.io.fingerprint import tokenizer_fingerprint
 from fusellm.io.sources import ModelRef
 from fusellm.stages.base import Artifact, ModelFiles, StageError, Unit, stage_key, tokenizer_of
-
-PIECES_FILE = "pieces.jsonl"
 
 
 def resolve_identities(config: FusionConfig) -> dict[str, str]:
@@ -36,12 +33,14 @@ def fetch_model(name: str, ref: ModelRef, identity: str, workdir: Path) -> Model
 
 
 def pieces_key(config: FusionConfig, models: list[ModelFiles], corpus_identity: str) -> str:
-    """Pieces depend on the corpus, the tokenizers (not the weights) and how texts are cut."""
+    """Pieces depend on the corpus, the tokenizers (not the weights), how texts are cut, and
+    the shard size (extraction and fusion work one pieces shard at a time)."""
     return stage_key(
         "pieces",
         corpus=corpus_identity,
         tokenizers=sorted({m.tokenizer for m in models}),
         pieces=config.pieces.model_dump(),
+        shard_size=config.extraction.shard_size,
     )
 
 
@@ -52,46 +51,55 @@ def pieces_unit(
     *,
     progress: bool = True,
 ) -> Unit:
-    """Cut the corpus into pieces every model's tokenizer fits in the block (docs/design.md)."""
+    """Cut the corpus into pieces every model's tokenizer fits in the block (docs/design.md).
+
+    Streams: documents are read, cut and written one shard at a time.
+    """
+    from fusellm.data.piece_shards import write_piece_shards
+    from fusellm.data.pieces import PiecesTally, iter_pieces
     from fusellm.io.corpus import check_corpus, iter_documents
-    from fusellm.data.pieces import split_texts
 
     def build(folder: Path) -> dict:
         cache = Path(config.workdir) / "cache"
         check_corpus(config.corpus, cache)
         tokenizers = [tokenizer_of(m) for m in models]
-        result = split_texts(
+        tally = PiecesTally()
+        pieces = iter_pieces(
             iter_documents(config.corpus, cache),
             tokenizers,
             config.pieces.block_size,
             config.pieces.margin,
+            tally=tally,
             progress=progress,
         )
-        if not result.pieces:
+        manifest = write_piece_shards(pieces, folder, config.extraction.shard_size)
+        if not manifest["count"]:
             raise StageError(f"corpus {config.corpus.uri}: no non-empty documents to fuse on")
-        lines = "".join(json.dumps({"text": p}, ensure_ascii=False) + "\n" for p in result.pieces)
-        (folder / PIECES_FILE).write_text(lines, encoding="utf-8")
         return {
-            "pieces": len(result.pieces),
-            "texts": result.texts,
-            "dropped_empty": result.dropped_empty,
-            "recut": result.recut,
-            "texts_sha256": sha256_texts(result.pieces),
+            "pieces": manifest["count"],
+            "shards": len(manifest["shards"]),
+            "texts": tally.texts,
+            "dropped_empty": tally.dropped_empty,
+            "recut": tally.recut,
+            "texts_sha256": manifest["texts_sha256"],
         }
 
     key = pieces_key(config, models, corpus_identity)
     return Unit("pieces", key, "pieces", config.workdir, build)
 
 
-def read_pieces(pieces: Artifact) -> list[str]:
-    path = pieces.path / PIECES_FILE
-    if not path.is_file():
-        raise StageError(f"{path}: pieces file is missing (was the work folder cleaned?)")
-    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+def read_shard(pieces: Artifact, shard: int) -> list[str]:
+    """The texts of one pieces shard (checked against its checksum); errors name the file."""
+    from fusellm.data.piece_shards import PiecesError, read_piece_shard
+
+    try:
+        return read_piece_shard(pieces.path, shard)
+    except PiecesError as err:
+        raise StageError(str(err)) from None
 
 
-def shard_count(pieces: Artifact, extraction: ExtractionConfig) -> int | None:
-    """Extraction shards over the pieces; None while the pieces are not made (a plan)."""
+def shard_count(pieces: Artifact) -> int | None:
+    """Shards of the pieces (extraction and fusion units); None while not made (a plan)."""
     if not pieces.done:
         return None
-    return -(-int(pieces.info["pieces"]) // extraction.shard_size)
+    return int(pieces.info["shards"])

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.io.fingerprint import sha256_json
 from fusellm.io.files import write_json_atomic
+from fusellm.io.fingerprint import sha256_json
 from fusellm.stages.base import Artifact, Unit, stage_key
 
 

@@ -44,6 +44,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
         "data/store.py",
         "stages/fusion.py",
     ),
+    "fused": ("data/store.py", "data/fused_data.py", "stages/fusion.py"),
     "train": ("train", "method/loss.py", "data/store.py", "stages/training.py"),
     "evaluate": ("evaluate", "stages/evaluation.py"),
     "compare": ("evaluate/report.py", "evaluate/results.py", "stages/evaluation.py"),

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fusellm.io.fingerprint import tokenizer_fingerprint
 from fusellm.data.store import TopkRecord, write_topk
+from fusellm.io.fingerprint import tokenizer_fingerprint
 
 
 def synthetic_records(

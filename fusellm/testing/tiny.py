@@ -9,8 +9,9 @@ marker and byte fallback (Llama), byte-level BPE (GPT-2, GPT-NeoX, MPT) and Word
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -121,12 +122,12 @@ def tiny_config(
 ):
     """A small config of a real architecture whose vocabulary matches `tokenizer`."""
     vocab = len(tokenizer)
-    common = dict(
-        vocab_size=vocab,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": vocab,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": False,
+    }
     # One branch per architecture, alike on purpose: each spells the same sizes its own way.
     if architecture == "llama":
         return LlamaConfig(

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fusellm.method.loss import IGNORE_INDEX
 from fusellm.data.store import TopkRecord
+from fusellm.method.loss import IGNORE_INDEX
 
 
 def _pad(arrays: list[np.ndarray], mask: np.ndarray, fill, dtype) -> np.ndarray:

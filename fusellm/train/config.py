@@ -1,6 +1,6 @@
 """Training configuration as data: a pydantic model loadable from YAML.
 
-Defaults are the paper's (DESIGN.md §1: lr 1e-5 cosine, warmup ratio 0.008, AdamW (0.9, 0.95),
+Defaults are the paper's (configs/fusellm-7b.yaml: lr 1e-5 cosine, warmup ratio 0.008, AdamW (0.9, 0.95),
 weight decay 0.1, clip 1.0, global batch 128, one epoch, lambda 0.9, tau 1, ZeRO-2). Every check
 that needs only the config runs here, when the file is read, so a typo never costs a model load;
 checks that need the data or the launcher (world size) run in `fusellm.train.data.check_run`.

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fusellm.io.fingerprint import tokenizer_fingerprint
 from fusellm.data.store import MANIFEST, TopkStore, open_topk
+from fusellm.io.fingerprint import tokenizer_fingerprint
 from fusellm.train.config import TrainConfig, TrainConfigError
 
 
