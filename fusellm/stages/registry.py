@@ -61,7 +61,6 @@ def register_unit(fused: Artifact, scores: dict[str, float] | None, config: Fusi
     return Unit("register", register_key(fused, scores, config), "register", config.workdir, build)
 
 
-RECORD = "last_fusion.json"
 
 
 def config_hash(config: FusionConfig) -> str:
