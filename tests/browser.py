@@ -33,21 +33,18 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import support
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from playwright.sync_api import expect, sync_playwright
 
-from fusellm.settings import MLFLOW_DB, TELEMETRY_OFF, ServerCommand, data_dir, ui_servers
+from fusellm.settings import MLFLOW_DB, ServerCommand, data_dir, ui_servers
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -63,18 +60,10 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1440, "height": 900}
 STEP_TIMEOUT_MS = 30_000  # one UI step on a busy 2-core machine
 SERVER_START_S = 120.0  # Prefect's first start builds its database and copies the UI build
-STOP_GRACE_S = 15.0
 MISSING_WAIT_MS = 10_000  # how long a table filtered to one metric may take to show it
 
 # Playwright's assertions wait 5 s by default, short for a busy CI machine.
 expect.set_options(timeout=STEP_TIMEOUT_MS)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- servers ----------------------------------------------------------------------------------
@@ -90,55 +79,18 @@ class RunningServer:
     proc: subprocess.Popen
     log: Path
 
-    def log_tail(self, chars: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+    def log_tail(self) -> str:
+        return support.log_tail(self.log)
 
     def wait_healthy(self, timeout_s: float = SERVER_START_S) -> None:
         """Block until every health URL answers 200; fail with the server's log otherwise."""
-        deadline = time.monotonic() + timeout_s
-        pending = list(self.health_urls)
-        while pending:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"{self.name} server exited with code {self.proc.returncode} before "
-                    f"answering {pending[0]}; its log ({self.log}) ends with:\n{self.log_tail()}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"{self.name} server did not answer {pending[0]} within {timeout_s:.0f} s; "
-                    f"its log ({self.log}) ends with:\n{self.log_tail()}"
-                )
-            try:
-                with urllib.request.urlopen(pending[0], timeout=5) as response:
-                    if response.status == 200:
-                        pending.pop(0)
-                        continue
-            except OSError:
-                pass
-            time.sleep(0.5)
+        support.wait_http(
+            self.health_urls, self.proc, timeout_s, self.log, name=f"{self.name} server"
+        )
 
-    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
-        """SIGTERM to the group, SIGKILL after `grace_s`; then SIGKILL whatever is left in the
-        group, so no worker outlives the test.
-
-        SIGTERM rather than SIGINT: both servers stop cleanly on either (uvicorn), but a test
-        run started in the background (CI, `nohup`) hands its children SIGINT ignored.
-        """
-        if self.proc.poll() is None:
-            _signal_group(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, then SIGKILL to what is left of it."""
+        support.stop_server(self.proc)
 
 
 def start_server(
@@ -149,18 +101,8 @@ def start_server(
     Returns at once; call `wait_healthy` before use (starting two servers and then waiting lets
     them start side by side).
     """
-    log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
-    env = {**os.environ, **TELEMETRY_OFF, **command.env}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command.argv,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+    proc = support.start_server(command.argv, log, command.env)
     return RunningServer(name, command.url, tuple(command.url + p for p in health_paths), proc, log)
 
 
@@ -168,7 +110,7 @@ def start_prefect_ui(
     data: str | os.PathLike, log_dir: Path, port: int | None = None
 ) -> RunningServer:
     """`prefect server start` over the Prefect home of project data folder `data`."""
-    command = ui_servers(data, prefect_port=port or free_port())["prefect"]
+    command = ui_servers(data, prefect_port=port or support.free_port())["prefect"]
     # The API answers before the UI build is in place on a first start: wait for both.
     return start_server("prefect", command, ("/api/health", "/"), log_dir)
 
@@ -184,7 +126,7 @@ def start_mlflow_ui(
             f"no MLflow store at {db}: run the demo (`fusellm demo`) or a fusion with this data "
             "folder first, or point FUSELLM_HOME at the folder that holds mlflow.db"
         )
-    command = ui_servers(data, mlflow_port=port or free_port())["mlflow"]
+    command = ui_servers(data, mlflow_port=port or support.free_port())["mlflow"]
     return start_server("mlflow", command, ("/health", "/"), log_dir)
 
 

@@ -13,86 +13,46 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
-
 from fusion_fixtures import EVAL_DATA, build_models, corpus_texts, fusion_dict, write_corpus
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
+from support import free_port, start_server, stop_server, wait_http
+
+from fusellm.settings import LOCALHOST, TELEMETRY_OFF
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-QUIET = {
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-}
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"{url}: server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            )
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{url} not up within {timeout}s:\n{log.read_text()[-3000:]}")
+def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    return start_server(argv, log, env, cwd=REPO)
 
 
 def _stop(proc: subprocess.Popen) -> None:
     """SIGINT (what Prefect's server and worker and MLflow treat as a clean stop), then kill."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        argv,
-        env={**os.environ, **QUIET, **env},
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        cwd=REPO,
-    )
+    stop_server(proc, signal.SIGINT, grace_s=20)
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, s3_endpoint):  # noqa: F811
+def servers(tmp_path_factory, s3_endpoint):
     root = tmp_path_factory.mktemp("servers")
     bucket = "fusellm-it"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
-    prefect_port, mlflow_port = _free_port(), _free_port()
-    prefect_url = f"http://127.0.0.1:{prefect_port}/api"
+    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_url = f"http://{LOCALHOST}:{prefect_port}/api"
     prefect_env = {
         "PREFECT_HOME": str(root / "prefect"),
-        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_HOST": LOCALHOST,
         "PREFECT_SERVER_API_PORT": str(prefect_port),
         "PREFECT_UI_API_URL": prefect_url,
         "PREFECT_API_URL": prefect_url,
@@ -103,7 +63,7 @@ def servers(tmp_path_factory, s3_endpoint):  # noqa: F811
             "server",
             "start",
             "--host",
-            "127.0.0.1",
+            LOCALHOST,
             "--port",
             str(prefect_port),
         ],
@@ -120,24 +80,25 @@ def servers(tmp_path_factory, s3_endpoint):  # noqa: F811
             f"s3://{bucket}/mlartifacts",
             "--serve-artifacts",
             "--host",
-            "127.0.0.1",
+            LOCALHOST,
             "--port",
             str(mlflow_port),
             "--workers",
             "1",
         ],
-        {"MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
+        {**MLFLOW_SERVER_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint},
         root / "mlflow.log",
     )
     try:
-        _wait_http(f"{prefect_url}/health", prefect, 180, root / "prefect.log")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, 120, root / "mlflow.log")
+        mlflow_url = f"http://{LOCALHOST}:{mlflow_port}"
+        wait_http(f"{prefect_url}/health", prefect, 180, root / "prefect.log", name="prefect")
+        wait_http(f"{mlflow_url}/health", mlflow, 120, root / "mlflow.log", name="mlflow")
         yield {
             "root": root,
             "bucket": bucket,
             "prefect_env": prefect_env,
             "prefect_url": prefect_url,
-            "mlflow_url": f"http://127.0.0.1:{mlflow_port}",
+            "mlflow_url": mlflow_url,
             "s3": s3_endpoint,
         }
     finally:
@@ -244,11 +205,11 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    config, config_path = s3_fusion
+    _, config_path = s3_fusion
     root = servers["root"]
     env = {
         **os.environ,
-        **QUIET,
+        **TELEMETRY_OFF,
         **servers["prefect_env"],
         "FUSELLM_PROJECT_DIR": str(REPO),
         "FUSELLM_CONFIG": str(config_path),
@@ -257,12 +218,12 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
     for pool in ("fusellm-cpu", "fusellm-gpu"):  # the GPU stages' pool: any type will do here
         created = subprocess.run(
             [cli, "work-pool", "create", pool, "--type", "process"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=120,
+            env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         assert created.returncode == 0, created.stdout + created.stderr
     deploy = subprocess.run(
         [cli, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=180,
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
     worker = _start([cli, "worker", "start", "--pool", "fusellm-cpu"], env, root / "worker.log")

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from fusellm import settings
 from fusellm.cli import app
-from fusellm.settings import ServerCommand
 from fusellm.cli.ui import start_servers, stop_servers, wait_servers
+from fusellm.settings import ServerCommand
 
 ALL_KEYS = [
     "PREFECT_HOME",

@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from support import free_port, running_server
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fusellm import tracking
-from fusellm.settings import sqlite_uri
+from fusellm.settings import LOCALHOST, sqlite_uri
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.tracking import (
     TrackingError,
@@ -340,59 +336,32 @@ def test_load_registered_round_trips_a_tiny_model(store, tiny_dir, tmp_path):
 # --- a real MLflow server over HTTP ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def mlflow_server(tmp_path, monkeypatch):
     """`mlflow server` on 127.0.0.1 with SQLite and a local artifact destination."""
-    port = _free_port()
+    port = free_port()
+    url = f"http://{LOCALHOST}:{port}"
     artifacts = tmp_path / "server-artifacts"
-    env = {
-        **os.environ,
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with open(tmp_path / "server.log", "wb") as log:  # the server keeps its own handle
-        proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "mlflow", "server",
-                "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
-                "--artifacts-destination", str(artifacts),
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            ],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(
-                    f"mlflow server did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+    argv = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", sqlite_uri(tmp_path / "server.db"),
+        "--artifacts-destination", str(artifacts),
+        "--host", LOCALHOST, "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    with running_server(
+        argv,
+        tmp_path / "server.log",
+        {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        unset=["MLFLOW_TRACKING_URI"],
+        health_url=f"{url}/health",
+        timeout=90,
+        name="mlflow server",
+        stop_signal=signal.SIGINT,
+        grace_s=20,
+    ):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         monkeypatch.chdir(tmp_path)
         yield url, artifacts
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @pytest.mark.slow

@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
+from support import WORDS, tiny_texts
 from typer.testing import CliRunner
 
 from fusellm.cli import app
+from fusellm.testing.synthetic import synthetic_store
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.config import TrainConfig, TrainConfigError, load_config, parse_config
 from fusellm.train.data import open_training_data
-from fusellm.testing.synthetic import synthetic_store
-
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "dogs",
-    "run",
-    "fast",
-    "and",
-    "birds",
-    "sing",
-    "over",
-    "green",
-    "hills",
-]
 
 
 def _texts(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) for _ in range(n)]
+    return tiny_texts(n, seed, lengths=(6, 20), words=WORDS[:16])  # English words only
 
 
 @pytest.fixture(scope="module")

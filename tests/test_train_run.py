@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,36 +17,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from support import WORDS, free_port, tiny_texts
 
-from fusellm.method.loss import fusion_loss_parts
 from fusellm.data.store import open_topk
+from fusellm.method.loss import fusion_loss_parts
+from fusellm.testing.synthetic import synthetic_store
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.collator import collate
-from fusellm.testing.synthetic import synthetic_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "dogs",
-    "run",
-    "fast",
-    "and",
-    "birds",
-    "sing",
-    "over",
-    "green",
-    "hills",
-    "near",
-    "water",
-]
 CONFIG = {
     "global_batch": 8,
     "micro_batch": 2,
@@ -73,12 +52,6 @@ def stop_hard(step, metrics, saved):
 
 train(args["config"], args["model"], args["data"], args["output"], on_step=stop_hard)
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> dict:
@@ -106,7 +79,7 @@ def _launch(procs: int, *args: str) -> subprocess.CompletedProcess:
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             *args,
         ]
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420, check=False)
@@ -115,8 +88,7 @@ def _launch(procs: int, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))) for _ in range(48)]
+    texts = tiny_texts(48, seed=0, lengths=(5, 25), words=WORDS[:18])  # English words only
     tok = train_tokenizer(texts, "spm", vocab_size=360)
     save_tiny(
         tiny_model("llama", tok, seed=1, hidden=32, layers=2, heads=4, max_positions=128),
@@ -263,7 +235,7 @@ def test_zero3_under_the_deepspeed_launcher(fixture, two_process_run, tmp_path):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         "--module",
         "fusellm.train",
         str(cfg),

@@ -31,7 +31,7 @@ from browser import (  # noqa: F401  (fixtures)
 
 from fusellm.settings import embedded_defaults
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 EXPERIMENT = "fusellm"
 RUN_NAME = "fusellm-demo"
