@@ -33,6 +33,12 @@ class TrainConfig(BaseModel):
     # objective
     lam: float = Field(0.9, ge=0.0, le=1.0, description="weight of the CLM term; 1 = CLM baseline")
     temperature: float = Field(1.0, gt=0.0, description="softmax temperature on the fused top-k")
+    rest_bucket: bool = Field(
+        False,
+        title="Rest bucket",
+        description="keep the probability the fused top-k dropped as one more category of the "
+        "fusion loss instead of renormalising the top-k (k + 1 categories; needs temperature 1)",
+    )
     # optimisation
     learning_rate: float = Field(1e-5, gt=0.0)
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -70,6 +76,16 @@ class TrainConfig(BaseModel):
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"unknown ZeRO stage {stage}; expected 0, 1, 2 or 3")
         return stage
+
+    @field_validator("rest_bucket")
+    @classmethod
+    def _rest_bucket_needs_tau_1(cls, rest: bool, info) -> bool:
+        if rest and info.data.get("temperature", 1.0) != 1.0:
+            raise ValueError(
+                "rest_bucket keeps the teacher's probabilities as stored: it needs temperature 1 "
+                "(a temperature would reshape the dropped tail too, which the store does not hold)"
+            )
+        return rest
 
     @field_validator("micro_batch")
     @classmethod

@@ -209,6 +209,7 @@ def micro_step(engine, batch: dict, config: TrainConfig):
         batch.get("topk_logprobs"),
         lam=config.lam,
         temperature=config.temperature,
+        rest_bucket=config.rest_bucket,
     )
     engine.backward(total)
     norm = _plain_grad_norm(engine)
