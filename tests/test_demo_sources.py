@@ -43,6 +43,23 @@ def test_heldout_never_overlaps_any_training_text():
     assert not heldout & trained
 
 
+@pytest.mark.parametrize("domain", data.DOMAINS)
+def test_heldout_is_cut_into_validation_and_test_by_content(domain):
+    """Recipes are chosen on validation and reported on test: the halves never share a text."""
+    heldout = data.load_split(domain, "heldout")
+    validation, test = (data.load_split(domain, p) for p in data.HELDOUT_PARTS)
+    assert validation and test and not set(validation) & set(test)
+    assert sorted(validation + test) == sorted(heldout)
+    assert all(data.heldout_part_of(t) == "validation" for t in validation)
+    assert all(data.heldout_part_of(t) == "test" for t in test)
+    assert data.heldout_part_of(data.load_split(domain, "fusion")[0]) is None
+    # each half in hash order, capped as a prefix, like every split
+    capped = data.load_split(domain, "test", max_bytes=8000)
+    assert capped and capped == test[: len(capped)]
+    with pytest.raises(ValueError, match="unknown split"):
+        data.load_split(domain, "dev")
+
+
 def test_domains_are_different_kinds_of_text():
     docs, code, docstrings = (data.load_split(d, "train", max_bytes=200_000) for d in data.DOMAINS)
     def share(texts, needle):

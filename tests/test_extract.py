@@ -149,3 +149,38 @@ def test_tokenizer_larger_than_the_model_is_refused(tmp_path, tiny_tokenizers, p
     with pytest.raises(ValueError, match="embedding rows; the tokenizer .* does not belong"):
         extract_topk(sized_model(tok, len(tok) // 2), tok, pieces, tmp_path, progress=False)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_manifest_reports_the_share_of_positions_whose_topk_holds_the_mass(tmp_path, llama, pieces):
+    """topk_mass: from the exact values (before companding), summed exactly over shards."""
+    from fusellm.data.store import concat_stores
+
+    model, tok = llama
+    one = extract_topk(model, tok, pieces, tmp_path / "one", top_k=5, shard_size=100, progress=False)
+    mass = []
+    for text in pieces:
+        _, _, top_lp, _ = reference(model, tok, text, 5)
+        mass.append(np.exp(top_lp[:-1]).sum(-1))  # the position after EOS predicts nothing
+    mass = np.concatenate(mass)
+    got = one["topk_mass"]
+    assert got["positions"] == mass.size == one["tokens"] - len(pieces)
+    assert got["mean"] == pytest.approx(mass.mean(), abs=1e-5)
+    for name, level in (("ge_50", 0.5), ("ge_90", 0.9), ("ge_99", 0.99)):
+        near = np.abs(mass - level) < 1e-5  # float32 vs float64 may disagree right at a level
+        assert abs(got[name] - (mass >= level).mean()) <= near.mean() + 1e-12
+    assert 1 >= got["ge_50"] >= got["ge_90"] >= got["ge_99"] >= 0
+    vocab = extract_module._output_vocab(model)  # the whole vocabulary kept: all the mass
+    full = extract_topk(model, tok, pieces[:4], tmp_path / "full", top_k=vocab, progress=False)
+    assert full["topk_mass"]["ge_99"] == 1.0 and full["topk_mass"]["mean"] == pytest.approx(1.0)
+    # per-shard stores joined into one report the same shares as the single extraction
+    parts = []
+    for n, start in enumerate(range(0, len(pieces), 10)):
+        parts.append(tmp_path / f"part{n}")
+        extract_topk(
+            model, tok, pieces[start : start + 10], parts[-1], top_k=5, shard_size=10, progress=False
+        )
+    joined = concat_stores(parts, tmp_path / "joined")
+    assert joined["topk_mass"]["positions"] == got["positions"]
+    for name in ("ge_50", "ge_90", "ge_99"):
+        assert joined["topk_mass"][name] == pytest.approx(got[name], abs=1e-12)
+    assert joined["topk_mass"]["mean"] == pytest.approx(got["mean"], rel=1e-6)

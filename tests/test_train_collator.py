@@ -57,6 +57,39 @@ def test_collated_batch_drives_the_loss_like_one_record_alone():
     assert torch.allclose(clm_b, clm_a) and torch.allclose(fuse_b, fuse_a)
 
 
+@pytest.mark.parametrize("rest_bucket", [False, True])
+def test_padding_changes_nothing_with_or_without_the_rest_bucket(rest_bucket):
+    """The rest bucket reads 1 - sum of the stored probabilities: padded rows (-1 / -inf)
+    add no mass, and the collated values are the stored ones, not renormalised."""
+    torch.manual_seed(0)
+    recs = _records([6, 3], vocab=20)
+    for r in recs:  # a teacher that keeps 40 % of its mass in the top-k
+        r.logprobs = (r.logprobs + np.log(0.4)).astype(np.float32)
+    logits = torch.randn(2, 6, 20, dtype=torch.float64)
+    both = collate(recs, pad_id=0, max_length=8)
+    alone = collate(recs[1:], pad_id=0, max_length=8)
+    kept = both["topk_logprobs"][1, :3].double().exp().sum(-1)
+    stored = torch.from_numpy(np.exp(recs[1].logprobs.astype(np.float64)).sum(-1))
+    assert torch.allclose(kept, stored) and (kept < 0.41).all()
+    b = fusion_loss_parts(
+        logits[1:],
+        both["labels"][1:],
+        both["topk_ids"][1:],
+        both["topk_logprobs"][1:],
+        lam=0.5,
+        rest_bucket=rest_bucket,
+    )
+    a = fusion_loss_parts(
+        logits[1:, :3],
+        alone["labels"],
+        alone["topk_ids"],
+        alone["topk_logprobs"],
+        lam=0.5,
+        rest_bucket=rest_bucket,
+    )
+    assert all(torch.allclose(x, y) for x, y in zip(a, b))
+
+
 def test_synthetic_records_put_the_next_token_first():
     rec = synthetic_records([[4, 9, 2]], 10, top_k=4, seed=1)[0]
     assert isinstance(rec, TopkRecord) and rec.ids[:2, 0].tolist() == [9, 2]

@@ -24,6 +24,11 @@ empty slots (id -1, log-prob -inf: weight zero in the loss).
 Shards are written to a temporary name and renamed; the manifest is rewritten (atomically) after
 each shard, so an interrupted writer leaves a valid prefix that a new writer resumes from.
 Every shard's sha256 is checked when the shard is first read.
+
+The stored values are the model's real probabilities (log-softmax over its whole output), not
+renormalised over the k kept: 1 - sum of a row is the mass the top-k dropped, which the fusion
+loss's rest bucket uses (`fusellm.method.loss`). An extraction store's manifest also says how
+much of that mass its top-k holds (`topk_mass`, see `topk_mass_summary`).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 _CODE_MAX = 255
 _POWER = 3.0
+MASS_LEVELS = {"ge_50": 0.5, "ge_90": 0.9, "ge_99": 0.99}  # top-k mass shares in the manifest
 
 
 class StoreError(RuntimeError):
@@ -115,6 +121,23 @@ def _shard_arrays(records: Sequence[TopkRecord], top_k: int, vocab_size: int) ->
     if records and all(r.token_ce is not None for r in records):
         arrays["token_ce"] = np.concatenate([r.token_ce for r in records]).astype(np.float16)
     return arrays
+
+
+def topk_mass_summary(shards: Sequence[dict]) -> dict | None:
+    """The store's ``topk_mass`` from its shards' counts (None if a shard has none).
+
+    ``{"positions": n, "mean": mean top-k mass, "ge_50": share of positions whose top-k holds
+    at least 50 % of the probability, "ge_90": ..., "ge_99": ...}``. Integer counts add up
+    exactly, so a store joined from shards reports what a single extraction would.
+    """
+    parts = [s.get("stats", {}).get("topk_mass") for s in shards]
+    if not parts or any(p is None for p in parts):
+        return None
+    positions = sum(p["positions"] for p in parts)
+    if positions == 0:
+        return {"positions": 0, "mean": None, **dict.fromkeys(MASS_LEVELS)}
+    shares = {name: sum(p[name] for p in parts) / positions for name in MASS_LEVELS}
+    return {"positions": positions, "mean": sum(p["mass_sum"] for p in parts) / positions, **shares}
 
 
 class TopkWriter:
@@ -355,6 +378,10 @@ def concat_stores(parts: Sequence, out_dir, *, meta: dict | None = None) -> dict
     for key in ("count", "tokens", "bytes"):
         merged[key] = sum(s[key] for s in merged["shards"])
     merged["bytes_per_token"] = merged["bytes"] / max(merged["tokens"], 1)
+    merged.pop("topk_mass", None)  # the first part's: recount over every shard
+    mass = topk_mass_summary(merged["shards"])
+    if mass is not None:
+        merged["topk_mass"] = mass
     write_json_atomic(out / MANIFEST, merged)
     return merged
 

@@ -19,6 +19,10 @@ independent of file order, Python's hash seed and library versions, and puts ide
 that occurs twice (in two domains, say) into the same split, so held-out text is never trained
 on. Within a split, documents are ordered by the same hash, so a size cap takes an even sample
 of the whole library rather than its alphabetically first modules.
+
+The held-out split is itself cut in two by the same hash: ``validation`` (its first half) is for
+choosing a recipe, ``test`` (the second half) for reporting one. A number measured on the texts
+a recipe was chosen on flatters it; `load_split(domain, "heldout")` is still both halves.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Split = Literal["train", "fusion", "heldout"]
+HeldoutPart = Literal["validation", "test"]
 DOMAINS: tuple[str, ...] = ("docs", "code", "docstrings")
 
 
@@ -44,6 +49,9 @@ def check_domains(mix: dict[str, float]) -> None:
     if unknown:
         raise ValueError(f"unknown domains {unknown}; expected some of {list(DOMAINS)}")
 SPLITS: tuple[str, ...] = ("train", "fusion", "heldout")
+HELDOUT_PARTS: tuple[str, ...] = ("validation", "test")  # halves of "heldout", by content hash
+VALIDATION_SHARE = 0.5  # of the held-out documents; a constant, not a DemoSplits field, so the
+# sources' cache keys (which hold DemoSplits) did not change when the held-out split was cut
 
 # Folders that are tests, or that Linux distributions package separately from the standard
 # library (Debian: idle, python3-tk, python3-lib2to3, python3-distutils), so that the corpus is
@@ -106,10 +114,20 @@ def split_of(text: str, config: DemoSplits = DEFAULT_SPLITS) -> Split:
     return next(s for s in SPLITS if _bounds(s, config)[0] <= u < _bounds(s, config)[1])
 
 
+def heldout_part_of(text: str, config: DemoSplits = DEFAULT_SPLITS) -> HeldoutPart | None:
+    """``validation`` or ``test`` for a held-out document, None for any other."""
+    u = split_position(text)
+    inside = [p for p in HELDOUT_PARTS if _bounds(p, config)[0] <= u < _bounds(p, config)[1]]
+    return inside[0] if inside else None
+
+
 def _bounds(split: str, config: DemoSplits) -> tuple[float, float]:
-    """The interval of split positions that belongs to `split`."""
+    """The interval of split positions that belongs to `split` (or to a half of "heldout")."""
+    cut = config.heldout * VALIDATION_SHARE
     edges = {
         "heldout": (0.0, config.heldout),
+        "validation": (0.0, cut),
+        "test": (cut, config.heldout),
         "fusion": (config.heldout, config.heldout + config.fusion),
         "train": (config.heldout + config.fusion, 1.0),
     }
@@ -276,9 +294,14 @@ def load_split(
     config: DemoSplits = DEFAULT_SPLITS,
     root: Path | None = None,
 ) -> list[str]:
-    """The documents of one domain in one split, in hash order, up to `max_bytes` of UTF-8."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    """The documents of one domain in one split, in hash order, up to `max_bytes` of UTF-8.
+
+    `split` is one of `SPLITS`, or ``validation`` / ``test``: the two halves of ``heldout``.
+    """
+    if split not in SPLITS + HELDOUT_PARTS:
+        raise ValueError(
+            f"unknown split {split!r}; expected one of {', '.join(SPLITS + HELDOUT_PARTS)}"
+        )
     if max_bytes is not None and max_bytes <= 0:
         raise ValueError(f"max_bytes must be positive, got {max_bytes}")
     _check_domain(domain)
