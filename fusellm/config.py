@@ -19,12 +19,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fusellm.io.corpus import CorpusRef
 from fusellm.io.sources import ModelRef
 from fusellm.io.uris import LocalURI, parse_uri
+from fusellm.io.yaml_config import _field as field_path
 from fusellm.io.yaml_config import describe, read_yaml
 from fusellm.train.config import TrainConfig
 
 
 class FusionConfigError(ValueError):
-    """A fusion config cannot be used; the message names the file and the field."""
+    """A fusion config cannot be used; the message names the file and the field.
+
+    `problems` holds one line per problem, each naming the file and the field
+    (``fusion.yaml: training.lam: ...``), so a command can list them all at once.
+    """
+
+    def __init__(self, message: str, problems: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems) or (message,)
 
 
 class _Section(BaseModel):
@@ -34,8 +43,20 @@ class _Section(BaseModel):
 class PiecesConfig(_Section):
     """How texts are cut: every tokenizer must fit a piece in `block_size - margin` tokens."""
 
-    block_size: int = Field(2048, ge=16)
-    margin: int = Field(48, ge=0)
+    block_size: int = Field(
+        2048,
+        ge=16,
+        title="Block size (tokens)",
+        description="the models' context window: every piece fits it in every tokenizer "
+        "(paper: 2048)",
+    )
+    margin: int = Field(
+        48,
+        ge=0,
+        title="Margin (tokens)",
+        description="tokens left free in the block for each model's special tokens (BOS, EOS); "
+        "pieces are cut to at most block_size - margin tokens (paper: 48)",
+    )
 
     @model_validator(mode="after")
     def _room_left(self) -> PiecesConfig:
@@ -49,20 +70,45 @@ class PiecesConfig(_Section):
 class ExtractionConfig(_Section):
     """Top-k extraction: what is kept per position and how work is split into tasks."""
 
-    top_k: int = Field(10, ge=1)
-    batch_size: int = Field(8, ge=1)
-    shard_size: int = Field(
-        256, ge=1, description="pieces per shard: one extraction task per model x shard, one "
-        "align-and-fuse task per shard"
+    top_k: int = Field(
+        10,
+        ge=1,
+        title="Top-k",
+        description="next-token probabilities kept per position and model (paper: 10); each "
+        "adds 3 bytes per token to every store (a 2-byte id, a 1-byte probability)",
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    token_ce: bool = Field(True, description="keep per-token CE (needed by token-level fusion)")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        title="Batch size",
+        description="pieces per forward pass; changes speed and memory, not the stored numbers",
+    )
+    shard_size: int = Field(
+        256,
+        ge=1,
+        title="Shard size (pieces)",
+        description="pieces per shard: one extraction task per model x shard, one "
+        "align-and-fuse task per shard",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", title="Device", description="where extraction runs; auto: cuda when available"
+    )
+    token_ce: bool = Field(
+        True,
+        title="Keep per-token CE",
+        description="keep per-token CE (needed by token-level fusion; 2 bytes per token)",
+    )
 
 
 class AlignmentConfig(_Section):
     """Token alignment (docs/design.md §2.4): character offsets, or the published DTW for comparison."""
 
-    method: Literal["offsets", "dtw"] = "offsets"
+    method: Literal["offsets", "dtw"] = Field(
+        "offsets",
+        title="Alignment method",
+        description="offsets: pair positions whose tokens end at the same character (linear "
+        "time); dtw: the published dynamic time warping over token strings, for comparison",
+    )
 
 
 class FusionOptions(_Section):
@@ -70,32 +116,71 @@ class FusionOptions(_Section):
 
     method: Literal["min_ce", "avg_ce", "avg_ce_unnormalised"] = Field(
         "min_ce",
+        title="Fusion function",
         description="min_ce: the candidate of lowest CE; avg_ce: candidates mixed as published "
         "(renormalised top-k, weights softmax(exp(-CE))); avg_ce_unnormalised: an earlier variant",
     )
-    granularity: Literal["sequence", "token"] = "sequence"
-    ce_unit: Literal["byte", "token"] = "byte"
+    granularity: Literal["sequence", "token"] = Field(
+        "sequence",
+        title="Granularity",
+        description="sequence: one choice per piece (the paper); token: per position (needs "
+        "extraction.token_ce)",
+    )
+    ce_unit: Literal["byte", "token"] = Field(
+        "byte",
+        title="CE unit",
+        description="byte: compare candidates' CE in nats per byte (token counts differ across "
+        "tokenizers); token: nats per token, the paper's choice",
+    )
     vocab_map: Literal["prefix", "mined"] = Field(
         "prefix",
+        title="Vocabulary map",
         description="prefix: the longest target token that is a prefix of the source token's "
         "text (always a valid continuation); mined: the published minimum edit distance",
     )
     workers: int | None = Field(
-        None, ge=1, description="align-and-fuse shards built at once, each in its own process "
-        "(default: the cores of this machine)"
+        None,
+        ge=1,
+        title="Worker processes",
+        description="align-and-fuse shards built at once, each in its own process "
+        "(default: the cores of this machine)",
     )
 
 
 class EvaluationConfig(_Section):
     """Which suites score which models; the CLM baseline trains only when it is evaluated."""
 
-    suites: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
-    data_dir: Path | None = Field(None, description="local JSONL in the Hub layout; None: the Hub")
-    limit: float | None = Field(None, gt=0, description="documents per task (None: all)")
-    batch_size: int = Field(1, ge=1)
-    max_gen_toks: int | None = Field(None, ge=1)
-    sources: bool = Field(True, description="also score every source")
-    baseline: bool = Field(True, description="also train and score the CLM baseline (lam = 1)")
+    suites: list[str] = Field(
+        ["local"],
+        min_length=1,
+        title="Suites",
+        description="lm-eval suites to run (fusellm/evaluate/suites.yaml): bbh, commonsense, "
+        "multipl-e, local (bits per byte on held-out text in data_dir)",
+    )
+    data_dir: Path | None = Field(
+        None,
+        title="Data folder",
+        description="local JSONL in the Hub layout (<data_dir>/<dataset path>/<name>/<split>"
+        ".jsonl), relative to the config file; None: the Hub",
+    )
+    limit: float | None = Field(
+        None, gt=0, title="Limit", description="documents per task (None: all)"
+    )
+    batch_size: int = Field(
+        1, ge=1, title="Batch size", description="lm-eval batch size; changes speed, not scores"
+    )
+    max_gen_toks: int | None = Field(
+        None,
+        ge=1,
+        title="Max generated tokens",
+        description="cap on tokens generated per answer (None: each task's own setting)",
+    )
+    sources: bool = Field(True, title="Score sources", description="also score every source")
+    baseline: bool = Field(
+        True,
+        title="Train and score the baseline",
+        description="also train and score the CLM baseline (lam = 1)",
+    )
 
     @field_validator("suites")
     @classmethod
@@ -118,12 +203,175 @@ class TrackingConfig(_Section):
     `local`); `lower_is_better` defaults to what the suite declares.
     """
 
-    experiment: str = "fusellm"
-    registered_model: str = "fusellm-fused"
-    primary_suite: str | None = Field(None, description="default: the first evaluation suite")
-    lower_is_better: bool | None = None
-    tracking_uri: str | None = Field(None, description="default: the embedded SQLite store")
-    register_model: bool = Field(True, description="log and register the fused model")
+    experiment: str = Field(
+        "fusellm", title="Experiment", description="MLflow experiment the fusion run goes to"
+    )
+    registered_model: str = Field(
+        "fusellm-fused",
+        title="Registered model",
+        description="MLflow registered model the fused model becomes a version of",
+    )
+    primary_suite: str | None = Field(
+        None,
+        title="Primary suite",
+        description="suite whose average decides the champion (default: the first evaluation "
+        "suite)",
+    )
+    lower_is_better: bool | None = Field(
+        None,
+        title="Lower is better",
+        description="whether the primary metric improves downwards (default: what the suite "
+        "declares)",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        title="Tracking URI",
+        description="MLflow tracking server or store (default: MLFLOW_TRACKING_URI, else the "
+        "embedded SQLite store)",
+    )
+    register_model: bool = Field(
+        True, title="Register the model", description="log and register the fused model"
+    )
+
+
+class PlanningConfig(_Section):
+    """Hints for `fusellm plan` when a model's or the corpus's files are not at hand.
+
+    Read by the plan's estimates only, never by a stage: no stage output depends on them.
+    Figures read from files (a model's safetensors headers or config.json, a finished store)
+    take precedence.
+    """
+
+    parameters: dict[str, float] = Field(
+        {},
+        title="Parameter counts",
+        description="model name (target or source) -> parameter count, e.g. 6.74e9; used when "
+        "the model's config.json is neither local nor in the Hugging Face cache",
+    )
+    corpus_tokens: float | None = Field(
+        None,
+        gt=0,
+        title="Corpus tokens",
+        description="tokens in the documents the fusion reads (after corpus.limit), e.g. 1.8e9; "
+        "used until extraction has counted them",
+    )
+
+
+# Fields declared in modules whose syntax tree is part of a stage's code version
+# (io/sources.py and io/corpus.py, train/: fusellm/stages/versions.py) are titled and described
+# here, so that documenting a field never re-runs extraction or training. Each entry:
+# field -> (title, description).
+_MODEL_FIELDS = {
+    "uri": (
+        "Model URI",
+        (
+            "hf://org/name[@revision], s3://bucket/prefix or a local folder (relative to the "
+            "config file) holding a causal LM in safetensors and its tokenizer"
+        ),
+    ),
+    "trust_remote_code": (
+        "Trust remote code",
+        "run the modelling code shipped with the model (e.g. MPT); only for sources you trust",
+    ),
+    "dtype": (
+        "Weights dtype",
+        "dtype the weights are loaded in for extraction and evaluation (auto: as saved)",
+    ),
+    "name": (
+        "Name",
+        "short name in runs, tables and stage labels (default: the last part of the URI)",
+    ),
+}
+_CORPUS_FIELDS = {
+    "uri": (
+        "Corpus URI",
+        (
+            "a local file or folder (relative to the config file) of .txt, .jsonl or .parquet "
+            "files or a saved dataset, hf://datasets/org/name[@revision], or s3://bucket/prefix"
+        ),
+    ),
+    "text_field": (
+        "Text field",
+        "JSONL key or column that holds each document's text (.txt files are one document each)",
+    ),
+    "split": (
+        "Split",
+        "split of a dataset with several (Hub datasets: default train)",
+    ),
+    "limit": ("Limit", "read only the first N documents (None: all)"),
+}
+_TRAINING_FIELDS = {
+    "lam": ("Lambda (CLM weight)", "weight of the CLM term; 1 = CLM baseline (paper: 0.9)"),
+    "temperature": (
+        "Temperature",
+        "softmax temperature on the fused top-k (paper: 1)",
+    ),
+    "learning_rate": ("Learning rate", "peak learning rate of AdamW (paper: 1e-5)"),
+    "lr_scheduler": ("LR schedule", "learning-rate schedule after warmup (paper: cosine)"),
+    "warmup_ratio": ("Warmup ratio", "share of the steps spent warming up (paper: 0.008)"),
+    "adam_betas": ("AdamW betas", "AdamW (beta1, beta2) (paper: 0.9, 0.95)"),
+    "adam_eps": ("AdamW epsilon", "AdamW epsilon"),
+    "weight_decay": ("Weight decay", "AdamW weight decay (paper: 0.1)"),
+    "max_grad_norm": ("Gradient clipping", "gradient clipping norm; 0 disables it (paper: 1)"),
+    "optimizer": (
+        "Optimizer",
+        "torch.optim.AdamW, or the AdamW DeepSpeed builds (fused on GPUs)",
+    ),
+    "global_batch": (
+        "Global batch (sequences)",
+        "sequences per optimizer step, all ranks (paper: 128)",
+    ),
+    "micro_batch": (
+        "Micro batch (sequences)",
+        "sequences per forward pass on one rank; must divide global_batch",
+    ),
+    "max_length": ("Max length (tokens)", "longer records are truncated to this"),
+    "epochs": ("Epochs", "passes over the fused data (paper: 1)"),
+    "max_steps": ("Max steps", "optimizer steps; overrides epochs"),
+    "seed": ("Seed", "seeds torch and the data order of every epoch"),
+    "zero_stage": ("ZeRO stage", "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (paper: 2)"),
+    "bf16": ("bf16", "train in bfloat16; auto: on where the GPU has bf16"),
+    "gradient_checkpointing": (
+        "Gradient checkpointing",
+        "recompute activations in the backward pass: less memory, ~30% more compute",
+    ),
+    "deepspeed": (
+        "DeepSpeed overrides",
+        "merged last into the generated DeepSpeed config (e.g. CPU offload settings)",
+    ),
+    "trust_remote_code": (
+        "Trust remote code",
+        "run the target's own modelling code when loading it for training",
+    ),
+    "checkpoint_every": ("Checkpoint every", "optimizer steps between checkpoints"),
+    "keep_checkpoints": ("Checkpoints kept", "how many recent checkpoints to keep"),
+    "sources": (
+        "Expected sources",
+        (
+            "source names the fused data must cover (checked against its manifest; set by the "
+            "fusion from the sources)"
+        ),
+    ),
+}
+
+
+def _describe_fields(model: type[BaseModel], fields: dict[str, tuple[str, str]]) -> None:
+    """Give `model`'s fields titles and descriptions (the JSON schema, hence the Prefect form).
+
+    A field missing here is caught by tests/test_schema.py, not at import: a run must never
+    fail for want of a description.
+    """
+    for name, (title, description) in fields.items():
+        info = model.model_fields[name]
+        info.title, info.description = title, description
+        if info.default_factory is not None and info.json_schema_extra is None:
+            info.json_schema_extra = {"default": info.default_factory()}  # the form shows it
+    model.model_rebuild(force=True)
+
+
+_describe_fields(ModelRef, _MODEL_FIELDS)
+_describe_fields(CorpusRef, _CORPUS_FIELDS)
+_describe_fields(TrainConfig, _TRAINING_FIELDS)
 
 
 class FusionConfig(BaseModel):
@@ -131,18 +379,58 @@ class FusionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("fusion", min_length=1, description="names the MLflow run")
-    target: ModelRef
-    sources: list[ModelRef] = Field(min_length=1)
-    corpus: CorpusRef
-    pieces: PiecesConfig = PiecesConfig()
-    extraction: ExtractionConfig = ExtractionConfig()
-    alignment: AlignmentConfig = AlignmentConfig()
-    fusion: FusionOptions = FusionOptions()
-    training: TrainConfig = TrainConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    workdir: Path = Field(Path("fusellm-work"), description="content-addressed stage outputs")
+    name: str = Field(
+        "fusion", min_length=1, title="Fusion name", description="names the MLflow run"
+    )
+    target: ModelRef = Field(
+        title="Target model",
+        description="the model trained on the fused distributions (usually one of the sources)",
+    )
+    sources: list[ModelRef] = Field(
+        min_length=1,
+        title="Source models",
+        description="models whose distributions are fused; any architectures and tokenizers",
+    )
+    corpus: CorpusRef = Field(
+        title="Corpus", description="the texts the sources are run on and the target trains on"
+    )
+    pieces: PiecesConfig = Field(
+        PiecesConfig(), title="Pieces", description="how documents are cut into pieces"
+    )
+    extraction: ExtractionConfig = Field(
+        ExtractionConfig(),
+        title="Extraction",
+        description="top-k next-token distributions of every model",
+    )
+    alignment: AlignmentConfig = Field(
+        AlignmentConfig(), title="Alignment", description="token alignment across tokenizers"
+    )
+    fusion: FusionOptions = Field(
+        FusionOptions(),
+        title="Fusion",
+        description="vocabulary maps and the fusion function over candidates",
+    )
+    training: TrainConfig = Field(
+        TrainConfig(),
+        title="Training",
+        description="continual training of the target (the CLM baseline uses lam = 1)",
+    )
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(), title="Evaluation", description="which suites score which models"
+    )
+    tracking: TrackingConfig = Field(
+        TrackingConfig(), title="Tracking", description="MLflow runs, registry and champion rule"
+    )
+    planning: PlanningConfig = Field(
+        PlanningConfig(),
+        title="Planning hints",
+        description="figures `fusellm plan` uses when files are not at hand; no stage reads them",
+    )
+    workdir: Path = Field(
+        Path("fusellm-work"),
+        title="Work folder",
+        description="content-addressed stage outputs, relative to the config file",
+    )
 
     @field_validator("sources")
     @classmethod
@@ -169,6 +457,16 @@ class FusionConfig(BaseModel):
             raise ValueError(
                 "tracking.register_model: the champion decision compares the fused model with "
                 "every source, so evaluation.sources must be true (or register_model false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _planning_names_models(self) -> FusionConfig:
+        names = {self.target.display_name, *self.source_names}
+        unknown = sorted(set(self.planning.parameters) - names)
+        if unknown:
+            raise ValueError(
+                f"planning.parameters: {unknown} name no model; expected some of {sorted(names)}"
             )
         return self
 
@@ -204,7 +502,8 @@ def _rebase(uri: str, base: Path) -> str:
     return uri
 
 
-def _rebase_paths(data: dict, base: Path) -> dict:
+def rebase_paths(data: dict, base: Path) -> dict:
+    """`data` with relative local paths (models, corpus, workdir, evaluation data) under `base`."""
     data = dict(data)
     for key in ("target", "corpus"):
         if isinstance(data.get(key), dict) and isinstance(data[key].get("uri"), str):
@@ -226,6 +525,12 @@ def _rebase_paths(data: dict, base: Path) -> dict:
     return data
 
 
+def _problem(error: dict) -> str:
+    """One pydantic error as `describe` words it (``sources[1].uri: ...``)."""
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{field_path(error['loc'])}: {message}" if error["loc"] else message
+
+
 def parse_fusion_config(data, *, source: str = "config", base: Path | None = None) -> FusionConfig:
     """Validate a mapping; errors name `source` and every bad field."""
     if not isinstance(data, dict):
@@ -234,11 +539,12 @@ def parse_fusion_config(data, *, source: str = "config", base: Path | None = Non
             f"{type(data).__name__}"
         )
     if base is not None:
-        data = _rebase_paths(data, base)
+        data = rebase_paths(data, base)
     try:
         return FusionConfig(**data)
     except ValidationError as err:
-        raise FusionConfigError(f"{source}: {describe(err)}") from None
+        problems = [f"{source}: {_problem(e)}" for e in err.errors()]
+        raise FusionConfigError(f"{source}: {describe(err)}", problems) from None
     except ValueError as err:  # a validator's own error outside pydantic's wrapping
         raise FusionConfigError(f"{source}: {err}") from None
 

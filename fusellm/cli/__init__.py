@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import typer
 
+from fusellm.cli.init import init_command
+from fusellm.cli.plan import plan_command
+from fusellm.cli.schema import schema_command
 from fusellm.cli.ui import ui_command
+from fusellm.cli.validate import validate_command
 from fusellm.evaluate.cli import eval_command
 from fusellm.train.cli import train_command
 
@@ -26,3 +30,7 @@ def version() -> None:
 app.command("ui")(ui_command)
 app.command("train")(train_command)
 app.command("eval")(eval_command)
+app.command("init")(init_command)
+app.command("validate")(validate_command)
+app.command("plan")(plan_command)
+app.command("schema")(schema_command)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
@@ -162,8 +162,17 @@ class LocatedRef(BaseModel):
     hub_kind: ClassVar[str] = "model"
     hub_hint: ClassVar[str] = "names a Hub dataset; a model is expected here"
 
-    uri: str
-    endpoint_url: str | None = None  # S3 only; else FUSELLM_S3_ENDPOINT_URL / AWS_ENDPOINT_URL
+    uri: str = Field(
+        title="URI",
+        description="hf://org/name[@revision] (a corpus: hf://datasets/org/name), "
+        "s3://bucket/prefix, file:///path or a local path (relative to the config file)",
+    )
+    endpoint_url: str | None = Field(
+        None,
+        title="S3 endpoint URL",
+        description="S3 or MinIO endpoint for s3:// URIs (default: FUSELLM_S3_ENDPOINT_URL, "
+        "else AWS_ENDPOINT_URL); never credentials, which come from the environment",
+    )
 
     @field_validator("uri")
     @classmethod

@@ -1,0 +1,392 @@
+"""What a fusion costs before it runs: tokens, top-k store bytes, FLOPs and GPU-hours.
+
+Everything comes from what is on this machine, so a plan works offline: a model's parameter count
+from its safetensors headers (exact) or its config.json (the usual transformer arithmetic), in a
+local folder, the Hugging Face cache or the work folder's S3 mirror; else `planning.parameters`.
+Corpus tokens from finished extraction stores (exact), else `planning.corpus_tokens`, else a
+local corpus's size at ~4 bytes per token. Each figure says where it came from.
+
+The arithmetic (docs/planning.md): extraction is one forward pass per model, 2·N·T FLOPs; training
+is 6·N·T per run (forward and backward; gradient checkpointing's recomputation and attention are
+not counted, as usual for MFU); a store holds, per token, the input id and k ids (2 bytes each
+below 65,536 vocabulary entries, else 4), k one-byte probability codes and, with per-token CE, a
+float16 (`fusellm.data.store`): 32 bytes at k = 10, 34 with per-token CE. The fused store is the
+same format in the target's vocabulary, without per-token CE. GPU-hours = FLOPs / (MFU · peak).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from math import prod
+from pathlib import Path
+
+import numpy as np
+
+from fusellm.config import FusionConfig
+from fusellm.data.store import id_dtype
+from fusellm.io.sources import ModelRef
+from fusellm.io.uris import S3URI, HubURI, LocalURI, parse_uri
+
+BYTES_PER_TOKEN_GUESS = 4.0  # UTF-8 bytes per token of English text for 32k-50k vocabularies
+RECORD_BYTES = np.dtype(np.int64).itemsize + np.dtype(np.float32).itemsize  # offset + ce
+APPLIES = {"bytes": {"extract", "fuse"}, "flops": {"extract", "train"}}  # what each stage costs
+GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Store format
+
+
+def store_bytes_per_token(top_k: int, vocab_size: int | None, token_ce: bool) -> int:
+    """Bytes one token takes in a top-k store (`fusellm.data.store`), records' 12 bytes aside.
+
+    An unknown vocabulary is taken to fit 16-bit ids (Llama-2, Mistral, MPT, GPT-2 all do).
+    """
+    ids = id_dtype(vocab_size or 1 << 16).itemsize
+    codes = np.dtype(np.uint8).itemsize
+    ce = np.dtype(np.float16).itemsize if token_ce else 0
+    return ids * (1 + top_k) + codes * top_k + ce
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def model_folder(ref: ModelRef, workdir: Path, identity: str | None = None) -> Path | None:
+    """The model's files if they are on this machine already; nothing is downloaded."""
+    uri = ref.parsed
+    if isinstance(uri, LocalURI):
+        return uri.path if uri.path.is_dir() else None
+    if isinstance(uri, HubURI):
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE  # as fusellm.io.hub
+        revision = identity[4:] if identity and identity.startswith("hub:") else uri.revision
+        found = try_to_load_from_cache(
+            uri.repo_id, "config.json", cache_dir=cache, revision=revision
+        )
+        return Path(found).parent if isinstance(found, str) else None
+    if isinstance(uri, S3URI):
+        from fusellm.io.s3 import s3_cache_folder
+
+        folder = s3_cache_folder(Path(workdir) / "cache", uri)
+        return folder if (folder / "config.json").is_file() else None
+    return None
+
+
+def _safetensors_parameters(folder: Path) -> int | None:
+    """Exact count from the safetensors headers (a few KB each), if every shard is present."""
+    files = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        if not wanted or not all((folder / f).is_file() for f in wanted):
+            return None
+        files = [folder / f for f in sorted(wanted)]
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        total += sum(prod(t["shape"]) for k, t in header.items() if k != "__metadata__")
+    return total
+
+
+def _first(cfg: dict, *keys):
+    return next((cfg[k] for k in keys if isinstance(cfg.get(k), (int, float))), None)
+
+
+def config_parameters(cfg: dict) -> int | None:
+    """Parameters of a decoder-only transformer from its config.json (within ~1 %).
+
+    Per layer: attention 2·d² + 2·d·d_kv (grouped KV heads), MLP 3·d·f when gated (SwiGLU),
+    else 2·d·f; embeddings V·d, twice when the output layer is not tied. Norms and biases are
+    left out (< 0.1 %).
+    """
+    d = _first(cfg, "hidden_size", "d_model", "n_embd")
+    layers = _first(cfg, "num_hidden_layers", "n_layers", "n_layer")
+    vocab = _first(cfg, "vocab_size")
+    if not (d and layers and vocab):
+        return None
+    ffn = _first(cfg, "intermediate_size", "n_inner", "ffn_dim")
+    if ffn is None:
+        ffn = d * (_first(cfg, "expansion_ratio") or 4)
+    heads = _first(cfg, "num_attention_heads", "n_heads", "n_head") or 1
+    kv_heads = _first(cfg, "num_key_value_heads") or heads
+    d_kv = d * kv_heads / heads
+    gated = cfg.get("model_type") in GATED_MLP or cfg.get("hidden_act") == "silu"
+    per_layer = 2 * d * d + 2 * d * d_kv + (3 if gated else 2) * d * ffn
+    tied = cfg.get("tie_word_embeddings", True) is not False
+    return int(layers * per_layer + vocab * d * (1 if tied else 2))
+
+
+@dataclass
+class ModelEstimate:
+    """One distinct model of the fusion: its size, where that figure came from, its roles.
+
+    `name` is the one its stage labels use: a source's name, or "target" for a target that is
+    not also a source (`fusellm.stages.pipeline.Fusion.models`).
+    """
+
+    name: str
+    uri: str
+    roles: list[str]
+    parameters: float | None = None
+    parameters_from: str = "unknown"
+    vocab_size: int | None = None
+    tokens: float | None = None  # in its own tokenizer
+    tokens_from: str = "unknown"
+
+
+@dataclass(frozen=True)
+class DistinctModel:
+    name: str
+    ref: ModelRef
+    roles: tuple[str, ...]
+    names: tuple[str, ...]  # every name the config gives it (planning.parameters keys)
+
+
+def distinct_models(config: FusionConfig) -> list[DistinctModel]:
+    """Each model extracted once: a source loaded like the target is the target."""
+    models: dict[tuple, DistinctModel] = {}
+    named = [("target", config.target.display_name, config.target)]
+    named += [("source", n, r) for n, r in zip(config.source_names, config.sources)]
+    for role, name, ref in named:
+        key = (ref.uri, ref.dtype, ref.trust_remote_code)
+        old = models.get(key)
+        if old is None:
+            label = "target" if role == "target" else name
+            models[key] = DistinctModel(label, ref, (role,), (name,))
+        else:
+            label = name if role == "source" else old.name
+            models[key] = DistinctModel(label, old.ref, (*old.roles, role), (*old.names, name))
+    return list(models.values())
+
+
+def describe_model(model: DistinctModel, config: FusionConfig, identity: str | None = None):
+    """Parameters and vocabulary of one model, from its files if here, else the hint."""
+    out = ModelEstimate(model.name, model.ref.uri, list(model.roles))
+    folder = model_folder(model.ref, config.workdir, identity)
+    cfg = {}
+    if folder is not None and (folder / "config.json").is_file():
+        cfg = json.loads((folder / "config.json").read_text())
+        out.vocab_size = _first(cfg, "vocab_size")
+    exact = _safetensors_parameters(folder) if folder is not None else None
+    counted = config_parameters(cfg) if cfg else None
+    hints = [config.planning.parameters[n] for n in model.names if n in config.planning.parameters]
+    if exact:
+        out.parameters, out.parameters_from = float(exact), "safetensors headers"
+    elif counted:
+        out.parameters, out.parameters_from = float(counted), "config.json"
+    elif hints:
+        out.parameters, out.parameters_from = hints[0], "planning.parameters"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+
+def local_corpus_bytes(config: FusionConfig) -> int | None:
+    """Size of a local corpus's files (the documents, plus JSON or Parquet framing)."""
+    uri = parse_uri(config.corpus.uri)
+    if not isinstance(uri, LocalURI) or not uri.path.exists():
+        return None
+    path = uri.path
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files if not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Row:
+    """One piece of work: what it reads and writes and what it costs."""
+
+    stage: str
+    what: str
+    tokens: float | None
+    bytes: float | None = None
+    flops: float | None = None
+    status: str = "unknown"  # done / to compute / unknown (the plan could not look)
+
+    def gpu_hours(self, flops_per_gpu_second: float) -> float | None:
+        return None if self.flops is None else self.flops / flops_per_gpu_second / 3600
+
+
+@dataclass
+class Estimate:
+    """The whole fusion's figures, row by row, and the assumptions behind them."""
+
+    mfu: float
+    peak_tflops: float
+    models: list[ModelEstimate]
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def flops_per_gpu_second(self) -> float:
+        return self.mfu * self.peak_tflops * 1e12
+
+    def total(self, attr: str, status: str | None = None) -> float | None:
+        """Sum of `attr` ("bytes" or "flops") over the rows it applies to; None if one is unknown."""
+        rows = [r for r in self.rows if status is None or r.status == status]
+        values = [getattr(r, attr) for r in rows if r.stage in APPLIES[attr]]
+        if any(v is None for v in values):
+            return None
+        return float(sum(values))
+
+    def gpu_hours(self, status: str | None = None) -> float | None:
+        flops = self.total("flops", status)
+        return None if flops is None else flops / self.flops_per_gpu_second / 3600
+
+    def as_dict(self) -> dict:
+        rate = self.flops_per_gpu_second
+        return {
+            "mfu": self.mfu,
+            "peak_tflops": self.peak_tflops,
+            "models": [m.__dict__ for m in self.models],
+            "rows": [{**r.__dict__, "gpu_hours": r.gpu_hours(rate)} for r in self.rows],
+            "total": {
+                "bytes": self.total("bytes"),
+                "flops": self.total("flops"),
+                "gpu_hours": self.gpu_hours(),
+            },
+            "to_compute": {
+                "bytes": self.total("bytes", "to compute"),
+                "flops": self.total("flops", "to compute"),
+                "gpu_hours": self.gpu_hours("to compute"),
+            },
+            "notes": self.notes,
+        }
+
+
+def _status(report, *patterns: str) -> str:
+    """done / to compute from the plan's units whose labels match one of `patterns` fully."""
+    if report is None or not report.units:
+        return "unknown"
+    units = [u for u in report.units if any(re.fullmatch(p, u.label) for p in patterns)]
+    if not units:
+        return "unknown"
+    return "to compute" if any(not u.done for u in units) else "done"
+
+
+def _done_info(report, label: str) -> dict:
+    unit = report.find(label) if report is not None else None
+    return unit.artifact.info if unit is not None and unit.done else {}
+
+
+def estimate(config: FusionConfig, report=None, *, mfu: float = 0.4, peak_tflops: float = 989.0):
+    """Figures for the whole fusion; `report` (a `PlanReport`) adds what is done and counted."""
+    identities = report.identities if report is not None else {}
+    models = []
+    for model in distinct_models(config):
+        key = "target" if "target" in model.roles else f"source:{model.name}"
+        models.append(describe_model(model, config, identities.get(key)))
+    notes = _count_tokens(models, config, report)
+    rows = _extraction_rows(models, config, report)
+    target = next(m for m in models if "target" in m.roles)
+    fused_tokens = _done_info(report, "fused-data").get("tokens") or target.tokens
+    per_token = store_bytes_per_token(config.extraction.top_k, target.vocab_size, False)
+    fused_bytes = None if fused_tokens is None else fused_tokens * per_token
+    fusion = _status(report, r"fuse-shard-\w+", "fused-data", r"vocab-map-.+")
+    rows.append(
+        Row("fuse", "fused store (target vocabulary)", fused_tokens, fused_bytes, None, fusion)
+    )
+    train_tokens, how = training_tokens(config, fused_tokens, report)
+    notes += [how] if how else []
+    runs = {"fused": f"fused model (lam {config.training.lam:g})"}
+    if config.evaluation.baseline:
+        runs["baseline"] = "CLM baseline (lam 1)"
+    known = train_tokens is not None and target.parameters is not None
+    flops = 6 * target.parameters * train_tokens if known else None
+    for label, what in runs.items():
+        rows.append(
+            Row("train", what, train_tokens, None, flops, _status(report, f"train-{label}"))
+        )
+    notes.append("evaluation is not estimated: it depends on the suites' sizes and generation")
+    return Estimate(mfu, peak_tflops, models, rows, notes)
+
+
+def _count_tokens(models: list[ModelEstimate], config: FusionConfig, report) -> list[str]:
+    """Each model's tokens from the best source there is; notes on what is missing."""
+    counts = {m.name: _done_info(report, f"store-{m.name}").get("tokens") for m in models}
+    counted = next(((name, n) for name, n in counts.items() if n), None)
+    corpus_bytes = local_corpus_bytes(config)
+    notes = []
+    for m in models:
+        if counts[m.name]:
+            m.tokens, m.tokens_from = float(counts[m.name]), "extraction store"
+        elif counted:  # the same texts in another tokenizer: closer than any guess
+            m.tokens, m.tokens_from = float(counted[1]), f"{counted[0]}'s extraction store"
+        elif config.planning.corpus_tokens:
+            m.tokens, m.tokens_from = config.planning.corpus_tokens, "planning.corpus_tokens"
+        elif corpus_bytes:
+            m.tokens = corpus_bytes / BYTES_PER_TOKEN_GUESS
+            m.tokens_from = f"corpus size / {BYTES_PER_TOKEN_GUESS:g} bytes per token"
+        if m.parameters is None:
+            name = config.target.display_name if m.name == "target" else m.name
+            hint = f"planning.parameters.{name}"
+            notes.append(
+                f"parameters of {m.name} unknown: its config.json is not on this machine; set "
+                f"{hint} (or --set {hint}=7e9)"
+            )
+    if any(m.tokens is None for m in models):
+        notes.append(
+            "corpus tokens unknown: set planning.corpus_tokens (or --set "
+            "planning.corpus_tokens=1.8e9)"
+        )
+    unknown = [m.name for m in models if m.vocab_size is None]
+    if unknown:
+        notes.append(
+            f"vocabulary of {', '.join(unknown)} unknown: taken to fit 16-bit ids (above 65,536 "
+            "entries ids take 4 bytes)"
+        )
+    return notes
+
+
+def _extraction_rows(models: list[ModelEstimate], config: FusionConfig, report) -> list[Row]:
+    e = config.extraction
+    rows = []
+    for m in models:
+        tokens, n = m.tokens, m.parameters
+        per_token = store_bytes_per_token(e.top_k, m.vocab_size, e.token_ce)
+        name = re.escape(m.name)
+        rows.append(
+            Row(
+                "extract",
+                f"{m.name} ({', '.join(m.roles)})",
+                tokens,
+                None if tokens is None else tokens * per_token,
+                None if tokens is None or n is None else 2 * n * tokens,
+                _status(report, rf"extract-{name}-shard-\w+", f"store-{name}"),
+            )
+        )
+    return rows
+
+
+def training_tokens(config: FusionConfig, tokens: float | None, report=None):
+    """Tokens one training run reads, and a note on how `max_steps` bounds them (or None)."""
+    t = config.training
+    if tokens is None:
+        return None, None
+    full = tokens * t.epochs
+    if t.max_steps is None:
+        return full, None
+    pieces = _done_info(report, "pieces").get("pieces")
+    if pieces:
+        share = min(t.epochs, t.max_steps * t.global_batch / pieces)
+        return tokens * share, f"training.max_steps={t.max_steps}: {share:.3g} epochs"
+    bound = t.max_steps * t.global_batch * (config.pieces.block_size - config.pieces.margin)
+    return min(full, bound), (
+        f"training.max_steps={t.max_steps}: at most {bound:.3g} tokens per run "
+        "(full pieces); fewer if pieces are shorter"
+    )

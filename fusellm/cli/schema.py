@@ -1,0 +1,193 @@
+"""`fusellm schema`: the JSON schema of a fusion config, and docs/config.md made from it.
+
+The same schema is what the Prefect UI renders as the `fuse` flow's form (generated from the
+flow's `FusionConfig` parameter) and what editors use to check and complete the YAML files
+(`# yaml-language-server: $schema=fusion.schema.json` on their first line). The repository
+ships both outputs (configs/fusion.schema.json, docs/config.md); tests/test_schema.py fails
+when either is out of date:
+
+    fusellm schema --output configs/fusion.schema.json
+    fusellm schema --markdown --output docs/config.md
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SCHEMA_LINE = "# yaml-language-server: $schema=fusion.schema.json"
+
+
+def fusion_schema() -> dict:
+    """The JSON schema of `FusionConfig`, with its dialect."""
+    from fusellm.config import FusionConfig
+
+    return {"$schema": DIALECT, **FusionConfig.model_json_schema()}
+
+
+def schema_text() -> str:
+    return json.dumps(fusion_schema(), indent=2, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _ref_name(node: dict) -> str | None:
+    ref = node.get("$ref")
+    return ref.rsplit("/", 1)[-1] if ref else None
+
+
+def type_of(node: dict) -> str:
+    """A short type for a property: `int`, `"a" | "b"`, `list[ModelRef]`, `float | null`."""
+    if _ref_name(node):
+        return _ref_name(node)
+    if "enum" in node:
+        return " | ".join(json.dumps(v) for v in node["enum"])
+    if "const" in node:
+        return json.dumps(node["const"])
+    if "anyOf" in node:
+        return " | ".join(type_of(n) for n in node["anyOf"])
+    kind = node.get("type")
+    if kind == "array":
+        if "prefixItems" in node:
+            return "[" + ", ".join(type_of(n) for n in node["prefixItems"]) + "]"
+        return f"list[{type_of(node.get('items', {}))}]"
+    if kind == "object":
+        extra = node.get("additionalProperties")
+        return f"map[str, {type_of(extra)}]" if isinstance(extra, dict) and extra else "mapping"
+    names = {"integer": "int", "number": "float", "string": "str", "boolean": "bool"}
+    if kind == "string" and node.get("format") == "path":
+        return "path"
+    return names.get(kind, kind or "any")
+
+
+def _limits(node: dict) -> str:
+    words = {
+        "minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<",
+        "minItems": "items >=", "minLength": "length >=",
+    }  # fmt: skip
+    nodes = [node, *node.get("anyOf", [])]
+    return ", ".join(f"{words[k]} {n[k]}" for n in nodes for k in words if k in n)
+
+
+def _default(node: dict, required: bool) -> str:
+    if required:
+        return "required"
+    if "default" not in node:
+        return ""
+    value = node["default"]
+    if isinstance(value, dict) and value and _ref_name(node):
+        return "see below"
+    return f"`{json.dumps(value)}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _sections(schema: dict) -> list[tuple[list[str], str, dict]]:
+    """(field paths, definition name, definition) of every section, in the config's order."""
+    defs = schema.get("$defs", {})
+    found: dict[str, list[str]] = {}
+
+    def visit(node: dict, path: str) -> None:
+        for name, prop in node.get("properties", {}).items():
+            target, suffix = prop, ""
+            if prop.get("type") == "array" and "items" in prop:
+                target, suffix = prop["items"], "[]"
+            ref = _ref_name(target)
+            if ref is None:
+                continue
+            where = f"{path}{name}{suffix}"
+            if ref in found:
+                found[ref].append(where)
+            else:
+                found[ref] = [where]
+                visit(defs[ref], f"{where}.")
+
+    visit(schema, "")
+    return [(paths, ref, defs[ref]) for ref, paths in found.items()]
+
+
+def _table(node: dict) -> list[str]:
+    required = set(node.get("required", []))
+    lines = [
+        "| field | type | default | description |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, prop in node.get("properties", {}).items():
+        title = prop.get("title", name)
+        text = prop.get("description", "")
+        limits = _limits(prop)
+        described = f"**{title}**: {text}" + (f" ({limits})" if limits else "")
+        lines.append(
+            f"| `{name}` | {_cell(type_of(prop))} | {_cell(_default(prop, name in required))}"
+            f" | {_cell(described)} |"
+        )
+    return lines
+
+
+def schema_markdown(schema: dict | None = None) -> str:
+    """docs/config.md: one table per section, every field with its type, default and meaning."""
+    schema = schema or fusion_schema()
+    out = [
+        "# Fusion config reference",
+        "",
+        (
+            "<!-- Generated by `fusellm schema --markdown --output docs/config.md` from the JSON "
+            "schema of `fusellm.config.FusionConfig`; tests/test_schema.py fails when it is out of "
+            "date. Edit the field descriptions in the code, not this file. -->"
+        ),
+        "",
+        schema.get("description", ""),
+        "",
+        (
+            "A fusion is one YAML file. Relative local paths in it are relative to the file's folder. "
+            "Check one with `fusellm validate FILE`, see what it would compute and cost with "
+            "`fusellm plan FILE` ([planning.md](planning.md)), start one with `fusellm init`. Every "
+            "command that reads a config takes `--set field.path=value` overrides "
+            "(`--set sources[1].dtype=float32`). Editors that use yaml-language-server check and "
+            "complete the files with the schema named on their first line:"
+        ),
+        "",
+        "```yaml",
+        SCHEMA_LINE,
+        "```",
+        "",
+        "## The fusion",
+        "",
+        *_table(schema),
+    ]
+    for paths, name, node in _sections(schema):
+        heading = ", ".join(f"`{p}`" for p in paths)
+        out += ["", f"## {heading} ({name})", "", node.get("description", "").strip(), ""]
+        out += _table(node)
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def schema_command(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="write to FILE instead of printing")
+    ] = None,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="the field reference (docs/config.md) instead")
+    ] = False,
+) -> None:
+    """Print or write the JSON schema of a fusion config (or its markdown reference)."""
+    text = schema_markdown() if markdown else schema_text()
+    if output is None:
+        typer.echo(text, nl=False)
+        return
+    from fusellm.io.files import write_text_atomic
+
+    write_text_atomic(output, text)
+    typer.echo(f"wrote {output}")

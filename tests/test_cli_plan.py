@@ -1,0 +1,440 @@
+"""Plan before spending: `--set` overrides, `fusellm validate`, `fusellm init` and `fusellm plan`.
+
+The fast tests use configs and tiny files only; those marked slow build a tiny fusion once and
+check that the plan says "nothing to do" on it, and after one source is retrained lists exactly
+the units a real run then computes, with their reasons. No command may create, download or
+write anything.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from fusellm.cli import app
+from fusellm.cli.overrides import load_config
+from fusellm.config import FusionConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SEVEN_B = REPO / "configs" / "fusellm-7b.yaml"
+MINIMAL = {
+    "target": {"uri": "models/target"},
+    "sources": [{"uri": "models/target", "name": "a"}, {"uri": "hf://org/b@v1", "name": "b"}],
+    "corpus": {"uri": "corpus"},
+}
+
+
+def _write(folder: Path, data, name: str = "fusion.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _tree(root: Path) -> dict[str, int]:
+    """Every file and folder under `root` with its modification time."""
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides
+
+
+def test_overrides_set_fields_items_and_new_sections(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    config = load_config(
+        path,
+        [
+            "sources[1].dtype=float32",
+            "training.lam=0.5",
+            "evaluation.suites=[local, bbh]",
+            "tracking.primary_suite=null",
+            "planning.parameters.a=6.74e9",
+            "corpus.uri=other-corpus",
+        ],
+    )
+    assert config.sources[1].dtype == "float32" and config.sources[0].dtype == "auto"
+    assert config.training.lam == 0.5
+    assert config.evaluation.suites == ["local", "bbh"]
+    assert config.planning.parameters == {"a": 6.74e9}
+    assert config.corpus.uri == str(tmp_path / "other-corpus")  # relative to the file
+    assert load_config(path) == load_config(path, [])
+
+
+def test_override_errors_name_the_file_and_the_override(tmp_path):
+    path = _write(tmp_path, MINIMAL)
+    with pytest.raises(FusionConfigError) as info:
+        load_config(path, ["sources[5].dtype=float32", "nonsense", "training.lam=3"])
+    problems = info.value.problems
+    assert problems[0] == f"{path}: --set sources[5].dtype: sources has 2 item(s); there is no [5]"
+    assert problems[1].startswith(f"{path}: --set 'nonsense': expected FIELD=VALUE")
+    assert problems[2].startswith(f"{path}: training.lam: ")
+    with pytest.raises(FusionConfigError, match=r"sources\[1\]\.dtype: Input should be"):
+        load_config(path, ["sources[1].dtype=float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+
+
+def test_validate_reports_every_problem_at_once_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "target").mkdir(parents=True)
+    (tmp_path / "models" / "target" / "config.json").write_text("{}")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "notes.docx").write_text("not a corpus file")
+    data = {**MINIMAL, "extraction": {"top_k": 0}, "training": {"micro_batch": 3}}
+    path = _write(tmp_path, data).relative_to(tmp_path)  # relative paths: beside the file
+    before = _tree(tmp_path)
+    result = _invoke("validate", str(path), "--set", "sources[1].dtype=float64")
+    assert result.exit_code == 1
+    out = result.output
+    for field in (
+        "extraction.top_k",
+        "training.micro_batch",
+        "sources[1].dtype",
+        "target.uri",  # a folder without weights or tokenizer
+        "corpus.uri",  # an unsupported file type
+    ):
+        assert f"error: {path}: {field}: " in out, (field, out)
+    assert "no *.safetensors weights" in out and "no tokenizer" in out and ".docx" in out
+    assert f"{path}: invalid: 6 error(s)" in out
+    assert _tree(tmp_path) == before  # no work folder, no data folder
+
+
+def test_a_valid_config_passes(tmp_path):
+    path = _write(
+        tmp_path,
+        {
+            **MINIMAL,
+            "target": {"uri": "hf://org/t"},
+            "sources": [{"uri": "hf://org/t", "name": "t"}],
+            "corpus": {"uri": "hf://datasets/org/c"},
+        },
+    )
+    result = _invoke("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert f"{path}: valid (0 error(s), 0 warning(s))" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# init
+
+
+def test_init_tiny_is_accepted_and_names_what_to_fill_in(tmp_path):
+    path = tmp_path / "fusion.yaml"
+    written = _invoke("init", "--output", str(path))
+    assert written.exit_code == 0, written.output
+    assert (tmp_path / "fusion.schema.json").read_text() == (
+        REPO / "configs" / "fusion.schema.json"
+    ).read_text()
+    text = path.read_text()
+    assert text.startswith("# yaml-language-server: $schema=fusion.schema.json\n")
+    for placeholder in ("models/base/", "models/other/", "corpus/", "eval/"):
+        assert f"#   {placeholder}" in text
+    checked = _invoke("validate", str(path))
+    assert checked.exit_code == 0, checked.output
+    warnings = [line for line in checked.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 4 and all("does not exist yet" in w for w in warnings)
+    assert _invoke("validate", str(path), "--strict").exit_code == 1
+    again = _invoke("init", "--output", str(path))
+    assert again.exit_code == 1 and "--force" in again.output
+
+
+def test_the_shipped_7b_config_is_the_7b_starter(tmp_path):
+    from fusellm.cli.starters import starter
+
+    assert SEVEN_B.read_text() == starter("7b", "configs/fusellm-7b.yaml")
+    path = tmp_path / "seven.yaml"
+    assert _invoke("init", "--recipe", "7b", "-o", str(path)).exit_code == 0
+    assert load_config(path).model_dump(exclude={"workdir"}) == load_config(SEVEN_B).model_dump(
+        exclude={"workdir"}
+    )
+    assert _invoke("validate", str(SEVEN_B)).exit_code == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: the 7B recipe offline
+
+
+def _docs_figure(label: str) -> float:
+    text = (REPO / "docs" / "planning.md").read_text()
+    return float(re.search(rf"\| {label} \| ([\d.]+)", text).group(1))
+
+
+def test_plan_of_the_7b_recipe_offline_matches_the_docs(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without the Hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "home"
+    result = _invoke("plan", str(SEVEN_B), "--home", str(home), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["stopped"].startswith("identities not resolved")
+    assert "hf://mosaicml/mpt-7b" in plan["stopped"]
+    total = plan["estimate"]["total"]
+    assert total["bytes"] / 1e9 == pytest.approx(_docs_figure("top-k stores, total"), rel=0.25)
+    assert total["gpu_hours"] == pytest.approx(_docs_figure("GPU-hours, total"), rel=0.25)
+    assert not home.exists() and not (REPO / "configs" / "fusellm-7b-work").exists()
+    assert list(tmp_path.iterdir()) == []
+    text = _invoke("plan", str(SEVEN_B), "--home", str(home)).output
+    assert "identities not resolved" in text and "241.2 GB" in text and "153.1" in text
+    slower = json.loads(_invoke("plan", str(SEVEN_B), "--json", "--mfu", "0.2").output)
+    assert slower["estimate"]["total"]["gpu_hours"] == pytest.approx(2 * total["gpu_hours"])
+
+
+def test_plan_without_hints_says_what_to_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    result = _invoke(
+        "plan", str(SEVEN_B), "--set", "planning.parameters={}", "--set", "planning.corpus_tokens="
+    )
+    assert result.exit_code == 0, result.output
+    assert "set planning.parameters.mpt-7b (or --set planning.parameters.mpt-7b=7e9)" in (
+        result.output
+    )
+    assert "set planning.corpus_tokens" in result.output
+
+
+def test_plan_reports_config_errors_with_file_and_field(tmp_path):
+    result = _invoke("plan", str(SEVEN_B), "--set", "training.lam=2", "--set", "fusion.method=x")
+    assert result.exit_code == 2
+    assert f"error: {SEVEN_B}: training.lam: " in result.output
+    assert f"error: {SEVEN_B}: fusion.method: " in result.output
+
+
+def test_store_bytes_per_token_is_what_the_store_writes(tmp_path):
+    import numpy as np
+
+    from fusellm.cli.estimates import RECORD_BYTES, store_bytes_per_token
+    from fusellm.data.store import TopkRecord, TopkWriter
+
+    rng = np.random.default_rng(0)
+    for token_ce, vocab in ((True, 32000), (False, 32000), (True, 128256)):
+        records = [
+            TopkRecord(
+                rng.integers(0, vocab, n),
+                rng.integers(0, vocab, (n, 10)),
+                np.log(rng.dirichlet(np.ones(11), n)[:, :10]).astype(np.float32),
+                1.0,
+                rng.random(n).astype(np.float32) if token_ce else None,
+            )
+            for n in (300, 500)
+        ]
+        out = tmp_path / f"store-{token_ce}-{vocab}"
+        writer = TopkWriter(out, top_k=10, vocab_size=vocab, meta={}, shard_size=2)
+        writer.write_shard(records)
+        manifest = writer.finish()
+        shard = next(out.glob("*.safetensors"))
+        header = 8 + int.from_bytes(shard.read_bytes()[:8], "little")
+        arrays = manifest["bytes"] - header
+        expected = 800 * store_bytes_per_token(10, vocab, token_ce) + 2 * RECORD_BYTES + 8
+        assert arrays == expected
+    assert store_bytes_per_token(10, 32000, False) == 32
+    assert store_bytes_per_token(10, 32000, True) == 34
+
+
+def test_parameters_from_config_json_and_safetensors(tmp_path):
+    from fusellm.cli.estimates import _safetensors_parameters, config_parameters
+
+    llama2 = {
+        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+        "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000, "tie_word_embeddings": False, "hidden_act": "silu",
+    }  # fmt: skip
+    mpt = {"model_type": "mpt", "d_model": 4096, "n_layers": 32, "n_heads": 32,
+           "expansion_ratio": 4, "vocab_size": 50432}  # fmt: skip
+    assert config_parameters(llama2) == pytest.approx(6_738_415_616, rel=1e-3)
+    assert config_parameters(mpt) == pytest.approx(6_649_286_656, rel=1e-3)
+
+    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+
+    tok = train_tokenizer(["a tiny corpus of words " * 20], kind="bytelevel", vocab_size=300)
+    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=64)
+    save_tiny(model, tok, tmp_path / "m")
+    exact = _safetensors_parameters(tmp_path / "m")
+    assert exact == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# plan: a finished tiny fusion
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A finished tiny fusion (library walk, no registration) and its config file."""
+    from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+
+    from fusellm.config import parse_fusion_config
+    from fusellm.stages import pipeline
+
+    root = tmp_path_factory.mktemp("plan")
+    texts = corpus_texts()
+    models = build_models(root / "models", texts)
+    corpus = write_corpus(root / "corpus", texts)
+    data = fusion_dict({k: str(v) for k, v in models.items()}, str(corpus), root / "work", "")
+    data["training"].update(max_steps=4, checkpoint_every=4)
+    data["tracking"].update(register_model=False, tracking_uri=None)
+    data["fusion"]["workers"] = 1
+    pipeline.walk(parse_fusion_config(data), pipeline.Executor())
+    return _write(root, data), models
+
+
+def _plan(path: Path) -> dict:
+    result = _invoke("plan", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def _pending(plan: dict) -> dict[str, str]:
+    """Pending units, shards folded, with their reasons."""
+    return {re.sub(r"-shard-\d+$", "", u["label"]): u["reason"] for u in plan["units"]
+            if not u["done"]}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_finished_fusion_has_nothing_to_do(tiny, monkeypatch):
+    path, _ = tiny
+    monkeypatch.chdir(path.parent)
+    before = _tree(path.parent)
+    plan = _plan(path)
+    assert plan["nothing_to_do"] and plan["stopped"] is None and _pending(plan) == {}
+    assert "nothing to do: all 25 stage units are done" in _invoke("plan", str(path)).output
+    assert _invoke("validate", str(path)).exit_code == 0
+    assert _tree(path.parent) == before  # read only: no folder, no file, no new mtime
+    estimate = plan["estimate"]
+    assert {r["status"] for r in estimate["rows"]} == {"done"}
+    assert estimate["to_compute"]["gpu_hours"] == 0
+    llama = next(m for m in estimate["models"] if m["name"] == "llama")
+    assert llama["parameters_from"] == "safetensors headers"
+    assert llama["tokens_from"] == "extraction store" and llama["roles"] == ["target", "source"]
+
+
+@pytest.mark.slow
+def test_a_retrained_source_recomputes_what_the_plan_lists(tiny):
+    from fusion_fixtures import reseed_model
+
+    from fusellm.stages import pipeline
+
+    path, models = tiny
+    reseed_model(models["neox"], seed=11)
+    pending = _pending(_plan(path))
+    assert pending == {
+        "extract-neox": "new key: model neox changed (its files, dtype or trust_remote_code)",
+        "store-neox": "input extract-neox-shard-* changes",
+        "fuse": "input extract-neox-shard-* changes",
+        "fused-data": "input fuse-shard-* changes",
+        "train-fused": "input fused-data changes",
+        "evaluate-fused-local": "input train-fused changes",
+        "evaluate-neox-local": "new key: model neox changed (its files, dtype or trust_remote_code)",
+        "compare": "input evaluate-fused-local, evaluate-neox-local change",
+    }
+    ex = pipeline.Executor()
+    pipeline.walk(load_config(path), ex)
+    computed = {k: v for k, v in ex.tally.computed().items() if v}
+    shards = ex.tally.states["extract"].count("Completed")
+    assert computed == {
+        "resolve-sources": 1, "fetch-model": 3, "extract": shards, "store": 1, "fuse": shards,
+        "fused": 1, "train": 1, "evaluate": 2, "compare": 1,
+    }  # fmt: skip
+    assert _plan(path)["nothing_to_do"]
+
+
+def test_plan_reads_hub_models_from_the_cache_only(tmp_path, monkeypatch):
+    """A Hub model in the Hugging Face cache: keys and sizes from its files; one not cached
+    stops the walk with its name, and nothing is downloaded or written."""
+    import shutil
+
+    from fusion_fixtures import EVAL_DATA, corpus_texts, write_corpus
+
+    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+
+    texts = corpus_texts()
+    tok = train_tokenizer(texts, kind="bytelevel", vocab_size=300)
+    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=128)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "models--org--tiny"
+    save_tiny(model, tok, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    data = {
+        "target": {"uri": "hf://org/tiny"},
+        "sources": [{"uri": "hf://org/tiny", "name": "tiny"}],
+        "corpus": {"uri": "corpus"},
+        "pieces": {"block_size": 64, "margin": 8},
+        "evaluation": {"data_dir": str(EVAL_DATA)},
+        "tracking": {"register_model": False},
+    }
+    write_corpus(tmp_path / "corpus", texts)
+    path = _write(tmp_path, data)
+    before = _tree(tmp_path)
+    plan = _plan(path)
+    assert plan["stopped"] is None and plan["identities"]["target"] == f"hub:{sha}"
+    assert _pending(plan)["pieces"] == "never built"
+    assert _pending(plan)["train-fused"] == "input fused-data changes"
+    (tiny,) = plan["estimate"]["models"]
+    assert tiny["parameters"] == sum(p.numel() for p in model.parameters())
+    assert tiny["parameters_from"] == "safetensors headers" and tiny["vocab_size"] == 300
+    shutil.rmtree(repo / "snapshots" / sha)
+    (repo / "snapshots" / sha).mkdir()  # the commit is known, its files are not here
+    plan = _plan(path)
+    assert plan["stopped"].startswith("target tiny (hf://org/tiny@main) is not in the Hugging")
+    assert "downloads nothing" in plan["stopped"] and plan["units"] == []
+    assert set(_tree(tmp_path)) <= set(before)  # no work folder, nothing fetched
+
+
+def test_plan_reads_s3_models_only_from_a_complete_mirror(tmp_path, monkeypatch):
+    from fusion_fixtures import EVAL_DATA
+    from moto import mock_aws
+
+    from fusellm.io.s3 import fetch_s3, s3_cache_folder, upload_dir
+    from fusellm.io.uris import parse_uri
+    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+
+    for name in ("AWS_ENDPOINT_URL", "FUSELLM_S3_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    tok = train_tokenizer(["some words for a tokenizer " * 30], kind="bytelevel", vocab_size=280)
+    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=64)
+    save_tiny(model, tok, tmp_path / "model")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("some words for a tokenizer\n" * 40)
+    uri = "s3://models/tiny/"
+    data = {
+        "target": {"uri": uri},
+        "sources": [{"uri": uri, "name": "tiny"}],
+        "corpus": {"uri": "corpus"},
+        "pieces": {"block_size": 64, "margin": 8},
+        "evaluation": {"data_dir": str(EVAL_DATA)},
+        "tracking": {"register_model": False},
+    }
+    path = _write(tmp_path, data)
+    with mock_aws():
+        import boto3
+
+        boto3.client("s3").create_bucket(Bucket="models")
+        upload_dir(tmp_path / "model", uri)
+        plan = _plan(path)
+        assert plan["stopped"].startswith(f"target tiny ({uri}) has no complete mirror")
+        assert not (tmp_path / "fusellm-work").exists()
+        parsed = parse_uri(uri)
+        mirror = s3_cache_folder(tmp_path / "fusellm-work" / "cache", parsed)
+        fetch_s3(parsed, mirror)  # what a run leaves behind
+        before = _tree(tmp_path)
+        plan = _plan(path)
+        assert plan["stopped"] is None and _pending(plan)["pieces"] == "never built"
+        assert plan["estimate"]["models"][0]["parameters_from"] == "safetensors headers"
+        assert _tree(tmp_path) == before
