@@ -84,9 +84,13 @@ def init_distributed() -> None:
         # set even when a group exists already (an earlier in-process run): DeepSpeed reads them
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if dist.is_initialized():
-        return
-    deepspeed.init_distributed()
+        if not dist.is_initialized():
+            # One process needs no rendezvous: an in-memory store cannot lose a race for a
+            # port to another program, as a TCP one can on a busy machine.
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
 
 
 def use_bf16(config: TrainConfig) -> bool:
