@@ -112,3 +112,9 @@ def test_a_docstring_edit_is_not_a_code_change(tmp_path, monkeypatch):
     assert versions.code_digest("train") == before
     copy.write_text(text + "\nTHRESHOLD = 1\n")
     assert versions.code_digest("train") != before
+    copy.write_text(text + '\nX = dict(default=1, description="what x is")\n')
+    described = versions.code_digest("train")
+    copy.write_text(text + '\nX = dict(default=1, description="what x is, better said")\n')
+    assert versions.code_digest("train") == described  # documentation, not behaviour
+    copy.write_text(text + '\nX = dict(default=2, description="what x is")\n')
+    assert versions.code_digest("train") != described

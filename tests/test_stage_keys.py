@@ -58,6 +58,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "fusion.workers": (2, set()),
     "training.lam": (0.5, {"train-fused", "evaluate-fused-local", "compare", "register"}),
     "training.temperature": (2.0, {"train-fused", "evaluate-fused-local", "compare", "register"}),
+    "training.rest_bucket": (True, {"train-fused", "evaluate-fused-local", "compare", "register"}),
     "training.learning_rate": (2e-3, TRAINED),
     "training.lr_scheduler": ("linear", TRAINED),
     "training.warmup_ratio": (0.1, TRAINED),
@@ -90,6 +91,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "tracking.experiment": ("another", set()),
     "tracking.registered_model": ("another-name", {"register"}),
     "tracking.lower_is_better": (False, {"register"}),
+    "planning.corpus_tokens": (1e6, set()),
 }
 
 # field path -> why no single-field case applies
@@ -114,6 +116,7 @@ NOT_CASES = {
     "tracking.tracking_uri": "another registry: a key of register, but another database here",
     "tracking.register_model": "changes whether registration exists, not a key",
     "workdir": "a new work folder starts empty",
+    "planning.parameters": "a mapping of size hints for `fusellm plan`; read by no stage",
 }
 
 

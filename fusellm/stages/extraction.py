@@ -101,6 +101,11 @@ def store_unit(model: ModelFiles, shards: list[Artifact], pieces: Artifact, work
             raise StageError(
                 f"merged store has {merged['count']} records for {pieces.info['pieces']} pieces"
             )
-        return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"]}
+        mass = {
+            f"topk_mass_{level}": share
+            for level, share in (merged.get("topk_mass") or {}).items()
+            if level != "positions" and share is not None
+        }  # how much of the model's distribution top-k keeps: logged per model, to choose k
+        return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"], **mass}
 
     return Unit("store", store_key(shards, pieces), f"store-{model.name}", workdir, build)

@@ -61,8 +61,6 @@ def register_unit(fused: Artifact, scores: dict[str, float] | None, config: Fusi
     return Unit("register", register_key(fused, scores, config), "register", config.workdir, build)
 
 
-
-
 def config_hash(config: FusionConfig) -> str:
     """What the config asks for (sources' content aside), to tell a changed config from a rerun."""
     return sha256_json(config.model_dump(mode="json"))

@@ -18,7 +18,7 @@ SCHEDULING_FIELDS = {
     "zero_stage",
     "gradient_checkpointing",
 }
-FUSION_ONLY_FIELDS = {"temperature"}  # no fusion term at lam = 1: the baseline ignores them
+FUSION_ONLY_FIELDS = {"temperature", "rest_bucket"}  # no fusion term at lam = 1
 
 
 def training_config(config: FusionConfig, *, baseline: bool = False):

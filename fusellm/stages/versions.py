@@ -5,7 +5,8 @@ whole package for that (as a first version did) re-ran extraction, GPU-days at t
 scale, whenever a typo in the demo report was fixed. So each stage names the modules it runs
 (`STAGE_CODE`) and carries an explicit version number in ``versions.json``; the key holds the
 version, never the code itself. ``versions.json`` also records a digest of each stage's code
-(its syntax tree, docstrings left out, so comments and docs never count); a test fails when the
+(its syntax tree without docstrings and `description=`/`title=`/`help=` arguments, so
+comments and documentation never count); a test fails when the
 code of a stage changes while its digest is stale, and
 
     python -m fusellm.stages.versions --update
@@ -62,8 +63,14 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
 }
 
 
+DOC_KEYWORDS = {"title", "description", "help"}  # a field's documentation, not its behaviour
+
+
 def _strip_docstrings(tree: ast.AST) -> ast.AST:
+    """Docstrings and documentation keywords (`Field(description=...)`) do not count as code."""
     for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            node.keywords = [k for k in node.keywords if k.arg not in DOC_KEYWORDS]
         body = getattr(node, "body", None)
         if (
             isinstance(body, list)
