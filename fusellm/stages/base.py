@@ -112,6 +112,8 @@ class Unit:
     # CPU-bound Python (align and fuse): run in a worker process, past the GIL. Such a unit's
     # `build` must pickle (a module-level function with its arguments, no closure).
     in_process_pool: bool = False
+    # Keys of the units whose folders this one reads: a plan names them when they change.
+    inputs: tuple[str, ...] = field(default=(), compare=False)
 
     def run(self) -> Artifact:
         return build_stage(self.workdir, self.stage, self.key, self.build)

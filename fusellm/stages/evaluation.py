@@ -88,7 +88,8 @@ def evaluate_unit(
         }
 
     key = evaluate_key(model_key, label, suite, config)
-    return Unit("evaluate", key, f"evaluate-{label}-{suite}", config.workdir, build)
+    label_ = f"evaluate-{label}-{suite}"
+    return Unit("evaluate", key, label_, config.workdir, build, inputs=(model_key,))
 
 
 Results = dict[str, dict[str, Artifact]]  # model label -> suite -> evaluation
@@ -120,7 +121,8 @@ def compare_unit(
         return {"fused": fused, "baseline": baseline, "sources": sources}
 
     key = compare_key(results, fused, baseline, sources)
-    return Unit("compare", key, "compare", workdir, build)
+    inputs = tuple(a.key for suites in results.values() for a in suites.values())
+    return Unit("compare", key, "compare", workdir, build, inputs=inputs)
 
 
 def primary_scores(results: Results, suite: str) -> dict[str, float] | None:

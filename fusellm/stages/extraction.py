@@ -77,7 +77,7 @@ def extract_unit(
 
     label = f"extract-{model.name}-shard-{'all' if shard is None else shard}"
     key = extract_key(model, pieces, shard, config)
-    return Unit("extract", key, label, config.workdir, build)
+    return Unit("extract", key, label, config.workdir, build, inputs=(pieces.key,))
 
 
 def store_key(shards: list[Artifact], pieces: Artifact) -> str:
@@ -108,4 +108,6 @@ def store_unit(model: ModelFiles, shards: list[Artifact], pieces: Artifact, work
         }  # how much of the model's distribution top-k keeps: logged per model, to choose k
         return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"], **mass}
 
-    return Unit("store", store_key(shards, pieces), f"store-{model.name}", workdir, build)
+    key = store_key(shards, pieces)
+    inputs = tuple(s.key for s in shards)
+    return Unit("store", key, f"store-{model.name}", workdir, build, inputs=inputs)

@@ -85,7 +85,8 @@ def fuse_unit(
     build = partial(_fuse_shard, pieces, shard, target, target_shard, sources, config)
     label = f"fuse-shard-{'all' if shard is None else shard}"
     key = fuse_key(pieces, shard, target_shard, sources, config)
-    return Unit("fuse", key, label, config.workdir, build, in_process_pool=True)
+    inputs = (pieces.key, target_shard.key, *[k for _, s, v in sources for k in (s.key, v.key)])
+    return Unit("fuse", key, label, config.workdir, build, in_process_pool=True, inputs=inputs)
 
 
 def _fuse_shard(
@@ -166,4 +167,5 @@ def fused_unit(
             "bytes": merged["bytes"],
         }
 
-    return Unit("fused", fused_key(shards), "fused-data", config.workdir, build)
+    inputs = tuple(s.key for s in shards)
+    return Unit("fused", fused_key(shards), "fused-data", config.workdir, build, inputs=inputs)

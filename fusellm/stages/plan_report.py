@@ -11,7 +11,7 @@ not look at, instead of failing.
 For each unit a run would compute it gives a reason: the inputs whose keys are new (named by
 their units, shards folded: ``extract-neox-shard-*``), else "never built" (no folder of that
 stage for that model, suite or run exists), else "new key" with what that stage's key covers.
-A unit's inputs come from `INPUTS`, the data flow of docs/design.md §3 by stage and label.
+A unit's inputs are the keys it names (`Unit.inputs`), the data flow of docs/design.md §3.
 """
 
 from __future__ import annotations
@@ -240,11 +240,6 @@ def _shard_of(label: str) -> str | None:
     return match[1] if match else None
 
 
-def _same_shard(a: str, b: str) -> bool:
-    sa, sb = _shard_of(a), _shard_of(b)
-    return sa == sb or "all" in (sa, sb)
-
-
 def _evaluated(label: str, suites: list[str]) -> tuple[str, str]:
     """``evaluate-llama-2-7b-multipl-e`` -> ("llama-2-7b", "multipl-e")."""
     body = label.removeprefix("evaluate-")
@@ -253,25 +248,6 @@ def _evaluated(label: str, suites: list[str]) -> tuple[str, str]:
             return body[: -len(suite) - 1], suite
     return body, ""
 
-
-# stage -> is `other` (an earlier unit) an input of `unit`? The data flow of docs/design.md §3.
-INPUTS: dict[str, Callable[[UnitPlan, UnitPlan, FusionConfig], bool]] = {
-    "pieces": lambda u, o, c: False,  # the corpus and the tokenizers: identities, not units
-    "extract": lambda u, o, c: o.unit.stage == "pieces",
-    "store": lambda u, o, c: (
-        o.unit.stage == "extract"
-        and _model_of(o.label, "extract-") == u.label.removeprefix("store-")
-    ),
-    "vocab": lambda u, o, c: False,  # two tokenizers
-    "fuse": lambda u, o, c: (
-        o.unit.stage == "vocab" or (o.unit.stage == "extract" and _same_shard(u.label, o.label))
-    ),
-    "fused": lambda u, o, c: o.unit.stage in ("fuse", "vocab"),
-    "train": lambda u, o, c: o.label == ("pieces" if u.label == "train-baseline" else "fused-data"),
-    "evaluate": lambda u, o, c: o.label == f"train-{_evaluated(u.label, c.evaluation.suites)[0]}",
-    "compare": lambda u, o, c: o.unit.stage == "evaluate",
-    "register": lambda u, o, c: o.label == "train-fused" or o.unit.stage == "evaluate",
-}
 
 # stage -> what its key holds besides its input units (docs/design.md §5); {model} is filled in
 COVERS = {
@@ -296,10 +272,9 @@ def _explain(report: PlanReport) -> None:
     for i, item in enumerate(report.units):
         if item.done:
             continue
-        is_input = INPUTS.get(item.unit.stage, lambda u, o, c: False)
         changed = []
         for other in report.units[:i]:
-            new = not other.done and is_input(item, other, report.config)
+            new = not other.done and other.unit.key in item.unit.inputs
             if new and other.group not in changed:
                 changed.append(other.group)
         if changed:

@@ -58,7 +58,8 @@ def register_unit(fused: Artifact, scores: dict[str, float] | None, config: Fusi
             "model_uri": result.model_uri,
         }
 
-    return Unit("register", register_key(fused, scores, config), "register", config.workdir, build)
+    key = register_key(fused, scores, config)
+    return Unit("register", key, "register", config.workdir, build, inputs=(fused.key,))
 
 
 def config_hash(config: FusionConfig) -> str:

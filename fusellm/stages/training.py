@@ -79,4 +79,5 @@ def train_unit(
 
     key = train_key(target, data, pieces, config, baseline=baseline)
     label = "train-baseline" if baseline else "train-fused"
-    return Unit("train", key, label, config.workdir, build)
+    inputs = (pieces.key,) if baseline else (data.key,)
+    return Unit("train", key, label, config.workdir, build, inputs=inputs)
