@@ -216,3 +216,35 @@ def test_missing_pieces_file_is_named(tmp_path):
     broken = Artifact("pieces", "k", tmp_path, {"pieces": 3, "shards": 1})
     with pytest.raises(StageError, match="pieces.json"):
         read_shard(broken, 0)
+
+
+def test_fuse_shards_in_worker_processes_match_in_process(setup):
+    """The process pool builds the same bytes as this process does, shard for shard."""
+    import hashlib
+    import shutil
+
+    from fusellm.stages.pipeline import Executor
+
+    config, _, target, sources, pieces = setup
+    neox = sources[1]
+    n = shard_count(pieces)
+    t_shards = [extract_unit(target, pieces, i, config, progress=False).run() for i in range(n)]
+    n_shards = [extract_unit(neox, pieces, i, config, progress=False).run() for i in range(n)]
+    vmap = vocab_unit(neox, target, config, progress=False).run()
+    units = [
+        fuse_unit(pieces, i, target, t_shards[i], [(neox, n_shards[i], vmap)], config)
+        for i in range(n)
+    ]
+
+    def digests(artifacts):
+        return [
+            hashlib.sha256((a.path / "store" / "shard-00000.safetensors").read_bytes()).hexdigest()
+            for a in artifacts
+        ]
+
+    here = digests(Executor().run_all(units))
+    for unit in units:
+        shutil.rmtree(config.workdir / unit.stage / unit.key)
+    pooled = Executor()
+    assert digests(pooled.run_all(units, workers=2)) == here
+    assert pooled.tally.states["fuse"] == ["Completed"] * n
