@@ -1,49 +1,107 @@
 """The installed `fusellm` command: the library's commands plus those that run Prefect flows.
 
-`fusellm run CONFIG` runs the `fuse` flow on a YAML fusion config; `fusellm demo` runs the
-miniature fusion through the same flow. With nothing configured, Prefect uses its local
-ephemeral API and MLflow a SQLite store, both under the project data folder
-(`fusellm.settings`); `PREFECT_API_URL` / `MLFLOW_TRACKING_URI` (or `tracking.tracking_uri` in
-the config) point it at real servers instead. The config is read and checked before Prefect
-starts, so a typo costs a second, not a server start.
+`fusellm run CONFIG` runs the `fuse` flow on a YAML fusion config (`--set a.b=c` changes a field
+of it); `fusellm demo` runs the miniature fusion through the same flow; `fusellm serve` (and
+`fusellm ui --start`) starts the Prefect and MLflow servers and serves the flows' deployments.
+With nothing configured, Prefect uses its local ephemeral API and MLflow a SQLite store, both
+under the project data folder (`fusellm.settings`, `--home`); `PREFECT_API_URL` /
+`MLFLOW_TRACKING_URI` (or `tracking.tracking_uri` in the config) point it at real servers
+instead. The config is read and checked before Prefect starts, so a typo costs a second, not a
+server start. A failed flow ends the command with one red line (the stage, the error, what to
+do) and exit code 1; the traceback goes to a log file under the data folder, which it names.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fusellm.cli import app
+from fusellm.cli import serve as serve_cli
 
 Home = Annotated[
-    Path | None, typer.Option("--home", help="data folder for Prefect and MLflow state")
+    Path | None,
+    typer.Option("--home", help="data folder for Prefect and MLflow state (default: ./.fusellm)"),
 ]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="change a field of the config: --set training.lam=0.5 (repeat)"),
+]
+
+
+def _serve_flows(config_file: Path, config) -> None:
+    from fusellm_flows.serve import serve_deployments  # imports Prefect: after the settings
+
+    serve_deployments(config_file, config)
+
+
+serve_cli.use_deployments(_serve_flows)
+app.command("serve")(serve_cli.serve_command)
+
+
+def _load(config: Path, sets: list[str] | None):
+    from fusellm.cli.overrides import load_config
+
+    return load_config(config, sets or ())
+
+
+def _run_flow(call, *, flow: str, home: Path, command: str):
+    """Run `call()` (which runs the flow named `flow`) with its log in a file; a failure ends
+    the command with one line."""
+    from fusellm_flows.failures import failure_line, logged_to, new_log_file, record
+
+    log = new_log_file(home, command)
+    try:
+        with logged_to(log):
+            return call()
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted; log: {log}", fg="red", err=True)
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001  (any error of the flow: reported, not dumped)
+        record(error, log)
+        typer.secho(failure_line(flow, error, log), fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_links(summary: dict, home: Path, config: Path) -> None:
+    links = summary.get("links") or {}
+    width = max((len(label) for label in links), default=0)
+    typer.echo(f"\nfusion run {summary.get('run_name', '')}:")
+    for label, url in links.items():
+        typer.echo(f"  {label:<{width}}  {url}")
+    if not os.environ.get("PREFECT_API_URL"):  # ran on the ephemeral API: no UI is up
+        typer.echo(f"  (to open them: fusellm serve --home {home} --config {config})")
 
 
 @app.command("run")
 def run_command(
     config: Annotated[Path, typer.Argument(help="YAML fusion config (fields of FusionConfig)")],
     home: Home = None,
+    sets: Sets = None,
 ) -> None:
     """Fuse the sources of CONFIG into its target (the Prefect `fuse` flow)."""
-    from fusellm.config import FusionConfigError, load_fusion_config
-    from fusellm.settings import apply_embedded_defaults
+    from fusellm.config import FusionConfigError
+    from fusellm.settings import apply_embedded_defaults, data_dir
 
     try:
-        fusion = load_fusion_config(config)
+        fusion = _load(config, sets)
     except FusionConfigError as err:
-        typer.echo(f"error: {err}", err=True)
+        typer.secho(f"error: {err}", fg="red", err=True)
         raise typer.Exit(2) from None
+    home = data_dir(home)
     apply_embedded_defaults(home)  # before Prefect and MLflow read their settings
     from fusellm_flows.fuse import fuse
 
-    summary = fuse(fusion)
+    summary = _run_flow(lambda: fuse(fusion), flow="fuse", home=home, command="run")
     typer.echo(
         json.dumps({k: summary[k] for k in ("scores", "registration", "fused_model")}, indent=2)
     )
+    _print_links(summary, home, config)
 
 
 @app.command("demo")
@@ -57,14 +115,23 @@ def demo_command(
     """Run the miniature FuseLLM demo on this CPU and write fusellm-demo/report.{json,md,png}."""
     from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE
     from fusellm.demo.run import run_demo
-    from fusellm.settings import apply_embedded_defaults
+    from fusellm.settings import apply_embedded_defaults, data_dir
 
+    home = data_dir(home)
     apply_embedded_defaults(home)  # before Prefect is imported
     from fusellm_flows.fuse import fuse
 
     recipe = DEFAULT_DEMO_RECIPE.model_copy(update={"seed": seed})
-    run_demo(fuse, out, recipe=recipe, home=home)
+    _run_flow(
+        lambda: run_demo(fuse, out, recipe=recipe, home=home),
+        flow="fuse",
+        home=home,
+        command="demo",
+    )
 
 
 def main() -> None:  # pragma: no cover - console entry point
-    app()
+    try:
+        app()
+    finally:  # Prefect's goodbye (stopping its temporary server) must not follow our last line
+        logging.getLogger("prefect").setLevel(logging.WARNING)

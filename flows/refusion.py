@@ -4,17 +4,32 @@ Identities are cheap to resolve (Hub commit shas, S3 ETag listings, local conten
 corpus fingerprint) and are compared with the record the last successful `fuse` left in the work
 folder. Nothing changed: nothing runs, no training. Something changed: `fuse` runs, and its
 content-addressed stages recompute only what depends on the change.
+
+Which fusion: the config itself (a form in the UI), or a YAML file read where the flow runs:
+`config_path`, else `$FUSELLM_CONFIG` there, else `fusion.yaml` in the flow's working folder
+(the project folder of a deployment), so a deployment needs nothing baked in.
 """
 
 from __future__ import annotations
+
+import os
 
 from fusellm_flows.fuse import fuse
 from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow, get_run_logger
 
 from fusellm.config import FusionConfig, load_fusion_config
+from fusellm.settings import apply_tracking_defaults
 from fusellm.stages.prepare import resolve_identities
 from fusellm.stages.registry import changed_inputs
+
+CONFIG_ENV = "FUSELLM_CONFIG"
+DEFAULT_CONFIG = "fusion.yaml"
+
+
+def config_file(config_path: str | None) -> str:
+    """`config_path`, else `$FUSELLM_CONFIG`, else `fusion.yaml` (relative to the working folder)."""
+    return config_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
 
 @flow(name="refusion")
@@ -22,12 +37,13 @@ def refusion(config: FusionConfig | None = None, config_path: str | None = None)
     """Check the inputs of a fusion and re-fuse if any changed since the last successful run.
 
     Give the config itself (a form in the UI) or `config_path`, a YAML file readable where the
-    flow runs (what a scheduled deployment usually passes).
+    flow runs (default: `$FUSELLM_CONFIG` there, else `fusion.yaml` in its working folder).
     """
-    if (config is None) == (config_path is None):
-        raise ValueError("refusion needs exactly one of config or config_path")
+    apply_tracking_defaults()
+    if config is not None and config_path is not None:
+        raise ValueError("refusion needs exactly one of config or config_path, not both")
     if config is None:
-        config = load_fusion_config(config_path)
+        config = load_fusion_config(config_file(config_path))
     identities = PrefectExecutor().call("resolve-sources", resolve_identities, config)
     changed = changed_inputs(config, identities)
     log = get_run_logger()

@@ -9,6 +9,7 @@ from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow
 
 from fusellm.config import FusionConfig
+from fusellm.settings import apply_tracking_defaults
 from fusellm.stages import pipeline
 
 # The four flows below share their shape on purpose: each must be its own decorated function so
@@ -17,6 +18,7 @@ from fusellm.stages import pipeline
 
 
 def _walk(config: FusionConfig, until: str) -> tuple[pipeline.Fusion, dict]:
+    apply_tracking_defaults()  # the project's MLflow store wherever the flow runs
     ex = PrefectExecutor()
     done = pipeline.walk(config, ex, until=until)
     return done, ex.tally.as_dict()

@@ -8,6 +8,12 @@ overriding one the user set, so a real Prefect server or MLflow server is chosen
 build and cluster machines have no internet, and a tool that phones home there stalls or logs
 errors; users who want it set the variable themselves.
 
+The data folder is exported as `$FUSELLM_HOME`, so processes started from a command (the flow
+runs `fusellm serve` starts, a training launcher) agree on it. Flows apply the MLflow part of
+these defaults themselves when they start (`apply_tracking_defaults`), wherever they run: a flow
+run by a worker tracks to the project's store, not to MLflow's own default. Links in run
+descriptions point at `mlflow_ui_url()` / `prefect_ui_url()`.
+
 `PREFECT_HOME` in the data folder also means Prefect reads its profiles from there, not from
 `~/.prefect`: set `PREFECT_HOME` (or `PREFECT_API_URL`) yourself to keep a configured server.
 MLflow has no client variable for the artifact folder; `fusellm.tracking.ensure_experiment`
@@ -29,7 +35,13 @@ DEFAULT_HOME = ".fusellm"
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 PREFECT_DIR = "prefect"
+LOGS_DIR = "logs"
 LOCALHOST = "127.0.0.1"
+PREFECT_PORT = 4200  # where `fusellm ui` and `fusellm serve` put each UI by default
+MLFLOW_PORT = 5000
+# The MLflow UI that links in run descriptions and Prefect artifacts point at. With the embedded
+# SQLite store the flows cannot know it: `fusellm serve` / `fusellm ui --start` set it.
+MLFLOW_UI_ENV = "FUSELLM_MLFLOW_UI_URL"
 
 # Variables that switch off usage reporting of the components we run, whatever the data folder.
 TELEMETRY_OFF: dict[str, str] = {
@@ -71,13 +83,10 @@ def mlflow_artifact_root(path: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def embedded_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
-    """The variables `apply_embedded_defaults` would set, without touching the environment."""
+def tracking_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """What a flow needs wherever it runs: the project's MLflow store and telemetry off."""
     home = data_dir(path)
     return {
-        "PREFECT_HOME": str(home / PREFECT_DIR),
-        # A cold ephemeral API builds its database in ~20 s on 2 cores, the default limit.
-        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "MLFLOW_TRACKING_URI": sqlite_uri(home / MLFLOW_DB),
         # Job execution starts several worker processes (~2 GB) the local UI does not need.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -85,18 +94,75 @@ def embedded_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
     }
 
 
+def embedded_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The variables `apply_embedded_defaults` would set, without touching the environment."""
+    home = data_dir(path)
+    return {
+        "PREFECT_HOME": str(home / PREFECT_DIR),
+        # A cold ephemeral API builds its database in ~20 s on 2 cores, the default limit.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+        **tracking_defaults(home),
+    }
+
+
+def _apply(path: str | os.PathLike | None, values: dict[str, str]) -> dict[str, str]:
+    home = data_dir(path)
+    mlflow_artifact_root(home)
+    # Exported, so that every process started from here (a flow run of `fusellm serve`, a
+    # training launcher) finds the same data folder.
+    os.environ[HOME_ENV] = str(home)
+    for name, value in values.items():
+        os.environ.setdefault(name, value)
+    return {name: os.environ[name] for name in values}
+
+
 def apply_embedded_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
     """Set each embedded default the user has not set; return the values now in force.
 
     Call it before importing Prefect or MLflow clients: both read their settings at import or
-    first use.
+    first use. The data folder itself is exported as `$FUSELLM_HOME`.
     """
-    values = embedded_defaults(path)
     (data_dir(path) / PREFECT_DIR).mkdir(exist_ok=True)
-    mlflow_artifact_root(path)
-    for name, value in values.items():
-        os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in values}
+    return _apply(path, embedded_defaults(path))
+
+
+def apply_tracking_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
+    """The part of the embedded defaults a flow applies when it starts, wherever it runs (in
+    `fusellm run`, under `fusellm serve`, on a worker): MLflow's store of the data folder, unless
+    the user chose a tracking server, and telemetry off. Prefect's own settings are left alone:
+    a running flow has read them already."""
+    return _apply(path, tracking_defaults(path))
+
+
+def logs_dir(path: str | os.PathLike | None = None) -> Path:
+    """Where commands write the full log of a failed run (created)."""
+    folder = data_dir(path) / LOGS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def mlflow_ui_url() -> str:
+    """The MLflow UI to link to: `$FUSELLM_MLFLOW_UI_URL`, else the tracking server itself, else
+    where `fusellm ui` serves the embedded store."""
+    chosen = os.environ.get(MLFLOW_UI_ENV)
+    if chosen:
+        return chosen.rstrip("/")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")):
+        return tracking.rstrip("/")
+    return f"http://{LOCALHOST}:{MLFLOW_PORT}"
+
+
+def prefect_ui_url() -> str:
+    """The Prefect UI to link to: `$PREFECT_UI_URL`, else the API's server, else where
+    `fusellm ui` serves the embedded database (what the ephemeral API writes to)."""
+    chosen = os.environ.get("PREFECT_UI_URL")
+    if chosen:
+        return chosen.rstrip("/")
+    api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if api.startswith(("http://", "https://")):
+        return api.removesuffix("/api")
+    return f"http://{LOCALHOST}:{PREFECT_PORT}"
 
 
 class ServerCommand(NamedTuple):
@@ -114,7 +180,9 @@ def _tool(name: str) -> str:
 
 
 def ui_servers(
-    path: str | os.PathLike | None = None, prefect_port: int = 4200, mlflow_port: int = 5000
+    path: str | os.PathLike | None = None,
+    prefect_port: int = PREFECT_PORT,
+    mlflow_port: int = MLFLOW_PORT,
 ) -> dict[str, ServerCommand]:
     """The Prefect and MLflow UI servers over the embedded stores, bound to 127.0.0.1 only."""
     home = data_dir(path)
@@ -163,7 +231,9 @@ def shell_command(server: ServerCommand) -> str:
 
 
 def ui_commands(
-    path: str | os.PathLike | None = None, prefect_port: int = 4200, mlflow_port: int = 5000
+    path: str | os.PathLike | None = None,
+    prefect_port: int = PREFECT_PORT,
+    mlflow_port: int = MLFLOW_PORT,
 ) -> dict[str, str]:
     """Shell commands that open each UI on 127.0.0.1 over the embedded stores."""
     servers = ui_servers(path, prefect_port=prefect_port, mlflow_port=mlflow_port)

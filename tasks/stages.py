@@ -5,9 +5,14 @@ ends in a ``Cached`` state, so the Prefect UI shows what was reused. Prefect's o
 is off (``NO_CACHE``): it kept paths apart from the folders, and after a work folder was deleted
 it handed back paths that no longer existed. Steps that talk to the network (resolving and
 fetching sources) retry with exponential backoff.
+
+An error that ends a unit, a step or a stage carries where it happened (`failed_where`), so
+that the command line can name the stage in its one-line report.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -39,11 +44,52 @@ def run_step(fn, *args):
     return fn(*args)
 
 
+WHERE_TASK = "fusellm_task"  # attributes of an error: the task run and the stage it ended
+WHERE_STAGE = "fusellm_stage"
+
+
+def mark_where(error: BaseException, attribute: str, name: str) -> None:
+    """Record where `error` happened, unless a more precise place was recorded already."""
+    if getattr(error, attribute, None) is None:
+        try:
+            setattr(error, attribute, name)
+        except (AttributeError, TypeError):  # an exception type that refuses attributes
+            pass
+
+
+def failed_where(error: BaseException) -> str | None:
+    """``stage prepare, task resolve-sources``, or what of it is known; None if nothing."""
+    stage, task = getattr(error, WHERE_STAGE, None), getattr(error, WHERE_TASK, None)
+    parts = ([f"stage {stage}"] if stage else []) + ([f"task {task}"] if task else [])
+    return ", ".join(parts) or None
+
+
+def _result(state, task: str):
+    try:
+        return state.result()
+    except BaseException as error:
+        mark_where(error, WHERE_TASK, task)
+        raise
+
+
+class StageTracker(MlflowTracker):
+    """MLflow stage runs, and the stage now running: an error inside it names that stage."""
+
+    @contextmanager
+    def stage(self, name: str, params: dict | None = None):
+        try:
+            with super().stage(name, params) as run_id:
+                yield run_id
+        except BaseException as error:
+            mark_where(error, WHERE_STAGE, name)
+            raise
+
+
 class PrefectExecutor(Executor):
     """Each unit a Prefect task (named after its stage); independent units run concurrently."""
 
     def __init__(self):
-        super().__init__(MlflowTracker())
+        super().__init__(StageTracker())
 
     def call(self, name: str, fn, *args):
         options = {"name": name, "task_run_name": name}
@@ -51,7 +97,7 @@ class PrefectExecutor(Executor):
             options.update(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_BACKOFF)
         state = run_step.with_options(**options)(fn, *args, return_state=True)
         self.tally.add(name, state.name)
-        return state.result()
+        return _result(state, name)
 
     def _task(self, unit: Unit):
         return run_unit.with_options(name=unit.stage, task_run_name=unit.label)
@@ -59,7 +105,7 @@ class PrefectExecutor(Executor):
     def run(self, unit: Unit) -> Artifact:
         state = self._task(unit)(unit, return_state=True)
         self.tally.add(unit.stage, state.name)
-        return state.result()
+        return _result(state, unit.label)
 
     def run_all(self, units: list[Unit], workers: int = 1) -> list[Artifact]:
         """All units as concurrent task runs; units meant for a process pool share one of
@@ -74,5 +120,5 @@ class PrefectExecutor(Executor):
         for unit, future in zip(units, futures):
             future.wait()
             self.tally.add(unit.stage, future.state.name)
-            out.append(future.result())
+            out.append(_result(future, unit.label))
         return out

@@ -108,6 +108,7 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     assert {"comparison", "evaluation"} <= artifacts
     version = client.get_model_version("tiny-fused", "1")
     assert version.tags["fusellm.role"] in ("champion", "challenger")
+    _check_results_where_users_look(client, first, parent)
 
     # An unchanged re-run: every stage folder exists (Cached), nothing trains, no new folder.
     before = _folders(config.workdir)
@@ -142,6 +143,42 @@ def test_fuse_rerun_and_change_one_source(harness, fusion):
     assert third["registration"]["version"] == 2
     mlflow.set_tracking_uri(uri)
     assert client.get_registered_model("tiny-fused").name == "tiny-fused"
+
+
+def _check_results_where_users_look(client, summary, parent):
+    """The run's readable name; the registered version under its alias, logged in the fusion
+    run; the run's description; its datasets; the Prefect markdown artifact with the links."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    assert re.fullmatch(r"tiny-fusion-[0-9a-f]{8}-\d{8}-\d{6}", summary["run_name"])
+    assert parent.data.tags["fusellm.flow_run"] == summary["run_name"]
+    role = summary["registration"]["is_champion"] and "champion" or "challenger"
+    assert str(client.get_model_version_by_alias("tiny-fused", role).version) == "1"
+    assert client.get_model_version("tiny-fused", "1").run_id == parent.info.run_id
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"Version 1 of `tiny-fused` is the **{role}**" in note
+    assert "fused − CLM" in note and "[Prefect flow run](" in note
+    assert {i.dataset.name for i in parent.inputs.dataset_inputs} == {"corpus", "eval-local"}
+    links = summary["links"]
+    assert links["MLflow run"].endswith(f"/runs/{parent.info.run_id}")
+    assert links["Model tiny-fused version 1"].endswith("/#/models/tiny-fused/versions/1")
+
+    async def artifacts():
+        async with get_client() as prefect:
+            key = ArtifactFilter(key=ArtifactFilterKey(any_=["fusion-tiny-fusion"]))
+            return await prefect.read_artifacts(artifact_filter=key)
+
+    import asyncio
+
+    (artifact,) = [
+        a for a in asyncio.run(artifacts()) if str(a.flow_run_id) in links["Prefect flow run"]
+    ]
+    assert artifact.type == "markdown"
+    assert f"[MLflow run]({links['MLflow run']})" in artifact.data
+    assert "fused − CLM" in artifact.data and f"**{role}**" in artifact.data
 
 
 def test_refusion_runs_only_when_inputs_changed(harness, fusion):
@@ -208,4 +245,5 @@ def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["run", str(path), "--home", str(tmp_path / "home")])
     assert result.exit_code == 0, result.output
     assert '"fused_model"' in result.output and '"scores"' in result.output
+    assert "MLflow run" in result.output and "/runs/flow-run/" in result.output  # the links
     assert (tmp_path / "home" / "prefect").is_dir()

@@ -147,3 +147,122 @@ def test_stop_kills_a_server_that_ignores_sigint():
     stop_servers(procs, grace_s=0.5)
     procs["stubborn"].stdout.close()
     assert procs["stubborn"].returncode is not None and procs["stubborn"].returncode < 0
+
+
+# --- what flows apply wherever they run; links; `fusellm serve` --------------------------------
+
+
+def test_the_data_folder_is_exported_for_child_processes(clean_env, tmp_path):
+    settings.apply_embedded_defaults(tmp_path / "home")
+    assert os.environ[settings.HOME_ENV] == str(tmp_path / "home")
+
+
+def test_flows_apply_the_tracking_defaults_and_leave_prefect_alone(clean_env, tmp_path):
+    clean_env.setenv(settings.HOME_ENV, str(tmp_path / "proj"))
+    values = settings.apply_tracking_defaults()
+    assert values["MLFLOW_TRACKING_URI"] == settings.sqlite_uri(tmp_path / "proj" / "mlflow.db")
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert "PREFECT_HOME" not in os.environ and "PREFECT_HOME" not in values
+    clean_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # the user's server wins
+    assert settings.apply_tracking_defaults()["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
+
+
+def test_ui_urls_follow_the_servers_in_use(clean_env):
+    for name in (settings.MLFLOW_UI_ENV, "PREFECT_UI_URL", "PREFECT_API_URL"):
+        clean_env.delenv(name, raising=False)
+    assert settings.mlflow_ui_url() == "http://127.0.0.1:5000"
+    assert settings.prefect_ui_url() == "http://127.0.0.1:4200"
+    clean_env.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example/")
+    clean_env.setenv("PREFECT_API_URL", "http://10.0.0.2:4200/api")
+    assert settings.mlflow_ui_url() == "https://mlflow.example"
+    assert settings.prefect_ui_url() == "http://10.0.0.2:4200"
+    clean_env.setenv(settings.MLFLOW_UI_ENV, "http://127.0.0.1:5123")
+    assert settings.mlflow_ui_url() == "http://127.0.0.1:5123"
+
+
+def _web(root, port: int, exit_after: float | None = None) -> ServerCommand:
+    """An HTTP server of `root` on 127.0.0.1:`port`; with `exit_after`, it exits with code 3."""
+    code = (
+        "import functools, http.server, os, sys, threading\n"
+        "handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n"
+        "server = http.server.HTTPServer(('127.0.0.1', int(sys.argv[2])), handler)\n"
+        "if sys.argv[3] != 'None':\n"
+        "    threading.Timer(float(sys.argv[3]), lambda: os._exit(3)).start()\n"
+        "server.serve_forever()\n"
+    )
+    argv = [sys.executable, "-c", code, str(root), str(port), str(exit_after)]
+    return ServerCommand(argv, {}, f"http://127.0.0.1:{port}")
+
+
+@pytest.fixture
+def site(tmp_path):
+    """Files that answer the health checks of both servers."""
+    root = tmp_path / "site"
+    (root / "api").mkdir(parents=True)
+    for page in ("api/health", "health", "index.html"):
+        (root / page).write_text("true")
+    return root
+
+
+def _closed(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_serve_starts_the_servers_serves_the_flows_and_stops_everything(
+    clean_env, tmp_path, site, monkeypatch
+):
+    """`fusellm serve` wiring: both servers answer before the deployments are served, the
+    runner's environment points at them and at the project's store, everything stops after."""
+    from support import free_port
+
+    from fusellm.cli import serve as serve_cli
+
+    ports = {"prefect": free_port(), "mlflow": free_port()}
+    fake = {name: _web(site, port) for name, port in ports.items()}
+    monkeypatch.setattr(serve_cli, "ui_servers", lambda home, **_: fake)
+    config = tmp_path / "fusion.yaml"
+    config.write_text(
+        "target: {uri: model}\nsources: [{uri: model, name: a}]\ncorpus: {uri: c.jsonl}\n"
+    )
+    seen = {}
+
+    def deploy(path, fusion):
+        seen.update(path=path, name=fusion.name, api=os.environ["PREFECT_API_URL"])
+        seen["ui"] = os.environ[settings.MLFLOW_UI_ENV]
+        seen["up"] = not any(_closed(p) for p in ports.values())
+
+    monkeypatch.setattr(serve_cli, "_deploy", deploy)
+    code = serve_cli.serve(tmp_path / "home", config_file=config)
+    assert code == 0
+    assert seen == {
+        "path": config.resolve(),
+        "name": "fusion",
+        "api": f"http://127.0.0.1:{ports['prefect']}/api",
+        "ui": f"http://127.0.0.1:{ports['mlflow']}",
+        "up": True,
+    }
+    assert os.environ["MLFLOW_TRACKING_URI"] == settings.sqlite_uri(tmp_path / "home/mlflow.db")
+    assert all(_closed(p) for p in ports.values())
+    assert (tmp_path / "home" / "logs" / "prefect-server.log").is_file()
+
+
+def test_a_server_that_exits_stops_the_serving(tmp_path, site):
+    """While the flows are served, a server that dies stops everything, with its exit code."""
+    from support import free_port
+
+    from fusellm.cli.ui import run_servers
+
+    ports = {"web": free_port(), "short": free_port()}
+    servers = {"web": _web(site, ports["web"]), "short": _web(site, ports["short"], 4)}
+
+    def serve_forever(home, servers):
+        while True:  # until the SIGTERM the watcher sends when "short" exits
+            time.sleep(0.1)
+
+    started = time.monotonic()
+    code = run_servers(tmp_path, servers, while_up=serve_forever, log_dir=tmp_path / "logs")
+    assert code == 3 and time.monotonic() - started < 60
+    assert all(_closed(p) for p in ports.values())

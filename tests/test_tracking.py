@@ -85,6 +85,10 @@ def _role(name, version):
     return MlflowClient().get_model_version(name, str(version)).tags[tracking.TAG_ROLE]
 
 
+def _alias(name, alias):
+    return int(MlflowClient().get_model_version_by_alias(name, alias).version)
+
+
 # --- runs, params, secrets -----------------------------------------------------------------
 
 
@@ -245,12 +249,14 @@ def test_registry_lower_is_better(store, tiny_dir):
     worse = _register(name, 1.3, sources, True, tiny_dir)
     assert not worse.is_champion and _champion(name) == 1
     assert _role(name, 2) == "challenger" and "champion" in worse.reason
+    assert _alias(name, "challenger") == 2  # an alias, not only a tag
     better = _register(name, 1.0, sources, True, tiny_dir)
     assert better.is_champion and _champion(name) == 3
     assert "replaces version 1" in better.reason
     # beats the champion (1.0) but not the new, stronger source (0.8)
     lost = _register(name, 0.9, {"llama": 0.8, "mpt": 1.5}, True, tiny_dir)
     assert not lost.is_champion and _champion(name) == 3 and "llama" in lost.reason
+    assert _alias(name, "challenger") == 4  # moved to the newest version that did not win
     version = MlflowClient().get_model_version(name, "3")
     assert version.tags[tracking.TAG_METRIC] == "bpb"
     assert float(version.tags[tracking.TAG_METRIC_VALUE]) == 1.0
@@ -263,6 +269,7 @@ def test_registry_higher_is_better(store, tiny_dir):
     # the first version loses to a source: no champion yet
     first = _register(name, 0.40, {"llama": 0.45}, False, tiny_dir)
     assert not first.is_champion and _role(name, 1) == "challenger"
+    assert _alias(name, "challenger") == 1
     with pytest.raises(MlflowException, match="champion"):
         _champion(name)
     second = _register(name, 0.50, {"llama": 0.45}, False, tiny_dir)
@@ -397,3 +404,123 @@ def test_a_deleted_experiment_is_named_in_the_error(store):
         fusion_run("x", experiment="gone"),
     ):
         pass
+
+
+# --- what the fusion run shows: registered version, description, datasets, system metrics ----
+
+
+def test_the_model_is_logged_in_the_fusion_run_not_the_stage_run(store, tiny_dir):
+    """The fusion's own run page lists the registered version, even when registering inside a
+    stage run."""
+    with fusion_run("fusion") as parent, stage_run("register") as child:
+        result = log_and_register_model(
+            tiny_dir,
+            registered_name="fused-here",
+            primary_metric="bpb",
+            scores={"fused": 1.0, "a": 2.0},
+            fused="fused",
+            sources=["a"],
+            lower_is_better=True,
+        )
+    version = MlflowClient().get_model_version("fused-here", str(result.version))
+    assert version.run_id == parent != child
+    assert MlflowClient().get_run(parent).data.tags["fusellm.registered_version"] == "1"
+
+
+def test_fusion_markdown_links_decision_and_table():
+    comparison = (
+        "# FuseLLM comparison\n\n### local: bits_per_byte\n\n| Task | fused |\n| --- | ---: |\n"
+    )
+    registration = {"name": "m", "version": 3, "is_champion": False, "reason": "loses to a"}
+    page = tracking.fusion_markdown(
+        "demo-1a2b3c4d-20260101-000000",
+        comparison_md=comparison,
+        registration=registration,
+        links={"MLflow run": "http://127.0.0.1:5000/#/experiments/1/runs/abc", "none": ""},
+    )
+    assert page.startswith("# demo-1a2b3c4d-20260101-000000\n")
+    assert "Version 3 of `m` is the **challenger** (alias `@challenger`): loses to a." in page
+    assert "- [MLflow run](http://127.0.0.1:5000/#/experiments/1/runs/abc)" in page
+    assert "[none]" not in page  # links without a URL are left out
+    assert "FuseLLM comparison" not in page and "| Task | fused |" in page
+    assert "Not registered" in tracking.fusion_markdown(
+        "x", comparison_md=None, registration=None, links={}
+    )
+
+
+def test_links_point_at_the_mlflow_ui(store, monkeypatch):
+    monkeypatch.setenv("FUSELLM_MLFLOW_UI_URL", "http://127.0.0.1:5123/")
+    with fusion_run("linked", experiment="linked") as run_id:
+        pass
+    experiment = MlflowClient().get_run(run_id).info.experiment_id
+    assert tracking.run_url(run_id) == (
+        f"http://127.0.0.1:5123/#/experiments/{experiment}/runs/{run_id}"
+    )
+    assert (
+        tracking.model_version_url("a b/c", 2)
+        == "http://127.0.0.1:5123/#/models/a%20b%2Fc/versions/2"
+    )
+
+
+def test_description_is_the_runs_note_cut_to_what_a_tag_holds(store):
+    with fusion_run("described") as run_id:
+        tracking.set_description("# title\n\n| a | b |\n")
+    assert (
+        MlflowClient().get_run(run_id).data.tags["mlflow.note.content"] == "# title\n\n| a | b |\n"
+    )
+    with fusion_run("long") as run_id:
+        tracking.set_description("x" * 20_000)
+    note = MlflowClient().get_run(run_id).data.tags["mlflow.note.content"]
+    assert len(note) <= 8000 and note.endswith("comparison/comparison.md` artifact)\n")
+
+
+def test_corpus_and_evaluation_data_are_logged_as_inputs(store, tmp_path):
+    from fusellm.config import parse_fusion_config
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    (tmp_path / "model").mkdir()
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    config = parse_fusion_config(
+        {
+            "target": {"uri": str(tmp_path / "model")},
+            "sources": [{"uri": str(tmp_path / "model"), "name": "a"}],
+            "corpus": {"uri": str(corpus)},
+            "evaluation": {"suites": ["local"], "data_dir": str(eval_dir)},
+        }
+    )
+    with fusion_run("inputs") as run_id:
+        assert tracking.log_fusion_inputs(config) == ["corpus", "eval-local"]
+    inputs = MlflowClient().get_run(run_id).inputs.dataset_inputs
+    logged = {i.dataset.name: (i.dataset.source_type, json.loads(i.dataset.source)) for i in inputs}
+    assert logged == {
+        "corpus": ("local", {"uri": str(corpus)}),
+        "eval-local": ("local", {"uri": str(eval_dir)}),
+    }
+    contexts = {i.dataset.name: [t.value for t in i.tags] for i in inputs}
+    assert contexts == {"corpus": ["training"], "eval-local": ["evaluation"]}
+
+
+def test_a_hub_corpus_is_a_hugging_face_dataset_input():
+    from fusellm.tracking.inputs import _source
+
+    source = _source("hf://datasets/org/minipile@abc123", split="train")
+    assert source._get_source_type() == "hugging_face"
+    assert (source.path, source.revision, source.split) == ("org/minipile", "abc123", "train")
+    assert _source("s3://bucket/corpus/")._get_source_type() == "s3"
+
+
+def test_extraction_and_training_runs_record_system_metrics(store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING", "1")
+    with fusion_run("sysmetrics"):
+        with stage_run("train_fused") as train:
+            time.sleep(1.5)
+        with stage_run("evaluate") as evaluate:
+            time.sleep(0.5)
+    client = MlflowClient()
+    assert any(k.startswith("system/") for k in client.get_run(train).data.metrics)
+    assert not any(k.startswith("system/") for k in client.get_run(evaluate).data.metrics)

@@ -162,6 +162,90 @@ def flow_suite_results(run_id: str, suite: str = "local") -> dict[str, dict]:
     return out
 
 
+DEMO_SIZES = ("full", "tiny")
+
+
+def demo_recipes(size: str = "full"):
+    """(DemoRecipe, DemoSourcesRecipe) of the demo: `full` is `make demo`'s; `tiny` keeps the
+    demo's shape (three architectures and tokenizers, the mixed corpus, the baseline, the
+    `local` suite) with models of a few thousand parameters and two training steps, built in
+    seconds: for smoke tests of the plumbing, not for the method's gains."""
+    from fusellm.demo.data import DemoSplits
+    from fusellm.demo.sources import DEFAULT_RECIPE, DemoSourcesRecipe, SourceRecipe
+
+    if size == "full":
+        return DEFAULT_DEMO_RECIPE, DEFAULT_RECIPE
+    if size != "tiny":
+        raise ValueError(f"demo size {size!r}: expected one of {', '.join(DEMO_SIZES)}")
+    small = {
+        "hidden": 16,
+        "layers": 1,
+        "heads": 2,
+        "context": 128,
+        "steps": 2,
+        "batch_size": 2,
+        "warmup_steps": 0,
+        "tokenizer_bytes": 20_000,
+    }
+    sources = DemoSourcesRecipe(
+        sources=tuple(
+            SourceRecipe(
+                name=s.name,
+                architecture=s.architecture,
+                tokenizer=s.tokenizer,
+                vocab_size=400,
+                mix=s.mix,
+                **small,
+            )
+            for s in DEFAULT_RECIPE.sources
+        ),
+        data=DemoSplits(),
+        train_bytes=30_000,
+    )
+    recipe = DemoRecipe(fusion_bytes=4_000, block_size=128, margin=4, steps=2, batch=2, lam=0.9)
+    return recipe, sources
+
+
+def prepare_demo(
+    out: str | Path,
+    *,
+    recipe: DemoRecipe = DEFAULT_DEMO_RECIPE,
+    sources_recipe=None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    console=None,
+) -> tuple[Path, FusionConfig]:
+    """Steps 1-3 of the demo: sources (built or cached), corpus and evaluation data, and
+    ``<out>/config.yaml``; returns the config file and the parsed config."""
+    from fusellm.config import parse_fusion_config
+    from fusellm.demo.sources import DEFAULT_RECIPE, build_sources
+
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sources_recipe = (sources_recipe or DEFAULT_RECIPE).model_copy(update={"seed": recipe.seed})
+    say = console.print if console is not None else (lambda *a, **k: None)
+    rule = console.rule if console is not None else (lambda *a, **k: None)
+
+    rule("[bold]1/5 sources")
+    built = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress)
+    rule("[bold]2/5 data")
+    data = out / "data"
+    n_docs = write_corpus(data / "corpus.jsonl", recipe)
+    counts = write_eval_data(data / "eval")
+    say(f"fusion corpus: {n_docs} documents; held-out: {counts}")
+    rule("[bold]3/5 config")
+    raw = demo_config(
+        recipe,
+        built.paths,
+        corpus=data / "corpus.jsonl",
+        eval_dir=data / "eval",
+        workdir=out / "work",
+    )
+    config_path = write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
+    say(f"wrote {config_path}")
+    return config_path, parse_fusion_config(raw, source=str(config_path))
+
+
 def run_demo(
     fuse: Callable[[FusionConfig], dict],
     out: str | Path = "fusellm-demo",
@@ -179,42 +263,26 @@ def run_demo(
     """
     from rich.console import Console
 
-    from fusellm.config import parse_fusion_config
     from fusellm.demo import report as reporting
-    from fusellm.demo.sources import DEFAULT_RECIPE, build_sources
     from fusellm.settings import apply_embedded_defaults
 
     console = Console()
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     apply_embedded_defaults(home)  # before Prefect and MLflow read their settings
-    sources_recipe = sources_recipe or DEFAULT_RECIPE
-    sources_recipe = sources_recipe.model_copy(update={"seed": recipe.seed})
-
-    console.rule("[bold]1/5 sources")
-    built = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress)
-    console.rule("[bold]2/5 data")
-    data = out / "data"
-    n_docs = write_corpus(data / "corpus.jsonl", recipe)
-    counts = write_eval_data(data / "eval")
-    console.print(f"fusion corpus: {n_docs} documents; held-out: {counts}")
-    console.rule("[bold]3/5 config")
-    raw = demo_config(
-        recipe,
-        built.paths,
-        corpus=data / "corpus.jsonl",
-        eval_dir=data / "eval",
-        workdir=out / "work",
+    _, config = prepare_demo(
+        out,
+        recipe=recipe,
+        sources_recipe=sources_recipe,
+        cache_dir=cache_dir,
+        progress=progress,
+        console=console,
     )
-    config_path = write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
-    config = parse_fusion_config(raw, source=str(config_path))
-    console.print(f"wrote {config_path}")
     console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
     summary = fuse(config)
     console.rule("[bold]5/5 report")
     results = flow_suite_results(summary["run_id"])
     metrics = {label: reporting.model_metrics(tasks) for label, tasks in results.items()}
-    report = reporting.build_report("fused", "baseline", list(built.paths), metrics)
+    report = reporting.build_report("fused", "baseline", config.source_names, metrics)
     paths = reporting.write_report(report, out)
     _print_end(console, report, paths, home)
     return report
@@ -242,4 +310,3 @@ def _print_end(console, report: dict, paths: dict, home) -> None:
     console.print(f"report: {paths['md']}  ({paths['json'].name}, {paths['png'].name})")
     for name, command in ui_commands(home).items():
         console.print(f"{name} UI: [cyan]{command}[/]", soft_wrap=True)
-

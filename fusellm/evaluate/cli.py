@@ -1,4 +1,10 @@
-"""`fusellm eval`: run one evaluation suite on a model folder and write its results."""
+"""`fusellm eval`: run one evaluation suite on a model and write its results.
+
+The model is a local folder or a reference like those of a fusion config: ``hf://org/name``
+(optionally ``@revision``) or ``s3://bucket/prefix``, resolved and fetched by
+`fusellm.io.sources` (the Hub's cache; S3 downloads under the data folder). The device is CUDA
+when there is one, unless `--device` says otherwise.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,36 @@ from typing import Annotated
 
 import typer
 
+REMOTE = ("hf://", "s3://")
+
+
+def pick_device(choice: str) -> str:
+    """`auto`: cuda when torch sees a GPU, else cpu; anything else as given."""
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def local_model(model: str, *, home: Path | None = None, trust_remote_code: bool = False) -> Path:
+    """A local folder holding `model`: the folder itself, or the Hub / S3 model fetched."""
+    if not model.startswith(REMOTE):
+        return Path(model)
+    from fusellm.io.sources import ModelRef, fetch
+    from fusellm.settings import data_dir
+
+    ref = ModelRef(uri=model, trust_remote_code=trust_remote_code)
+    return fetch(ref, data_dir(home) / "models")
+
 
 def eval_command(
     model: Annotated[
-        Path, typer.Option("--model", help="Hugging Face model folder (safetensors).")
+        str,
+        typer.Option(
+            "--model",
+            help="model folder (safetensors), hf://org/name[@revision] or s3://bucket/prefix.",
+        ),
     ],
     suite: Annotated[str, typer.Option("--suite", help="bbh, commonsense, multipl-e or local.")],
     output: Annotated[Path, typer.Option("--output", help="Folder for results and sample logs.")],
@@ -37,7 +69,9 @@ def eval_command(
         int | None, typer.Option("--limit", help="At most this many documents per task.")
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 1,
-    device: Annotated[str, typer.Option("--device")] = "cpu",
+    device: Annotated[
+        str, typer.Option("--device", help="auto (cuda if available, else cpu), cpu, cuda[:N].")
+    ] = "auto",
     max_gen_toks: Annotated[
         int | None, typer.Option("--max-gen-toks", help="Cap generation length.")
     ] = None,
@@ -47,6 +81,10 @@ def eval_command(
             "--trust-remote-code", help="Allow code shipped with the model (off by default)."
         ),
     ] = False,
+    home: Annotated[
+        Path | None,
+        typer.Option("--home", help="data folder (S3 models are downloaded under it)."),
+    ] = None,
 ) -> None:
     """Evaluate a model on a suite (lm-eval) and write results.json, samples/ and the config."""
     from rich.console import Console
@@ -54,25 +92,27 @@ def eval_command(
 
     from fusellm.evaluate.data import DataError, EvalDataSource
     from fusellm.evaluate.runner import run_suite
+    from fusellm.io.uris import SourceError
 
     console = Console()
     try:
+        model_dir = local_model(model, home=home, trust_remote_code=trust_remote_code)
         data = None
         if source or data_dir or cache_dir:
             data = EvalDataSource(source=source, data_dir=data_dir, cache_dir=cache_dir)
         result = run_suite(
-            model,
+            model_dir,
             suite,
             output_dir=output,
             data=data,
             tasks=task or None,
             limit=limit,
             batch_size=batch_size,
-            device=device,
+            device=pick_device(device),
             max_gen_toks=max_gen_toks,
             trust_remote_code=trust_remote_code,
         )
-    except (DataError, FileNotFoundError, ValueError, KeyError) as error:
+    except (DataError, SourceError, FileNotFoundError, ValueError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2)
     table = Table(title=f"{suite} on {result.model}")

@@ -3,8 +3,9 @@
 The model is logged with MLflow's transformers flavor (safetensors weights and tokenizer, a
 proper MLflow model in the UI) and registered as a new version whose tags carry the primary
 metric, its direction and the sources' scores. The alias `champion` moves to it only when it
-beats the current champion and every source (`fusellm.tracking.champion`); otherwise it is
-tagged `fusellm.role=challenger`.
+beats the current champion and every source (`fusellm.tracking.champion`); otherwise the alias
+`challenger` moves to it (the newest version that did not win) and it is tagged
+`fusellm.role=challenger`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from fusellm.tracking.champion import champion_decision, check_scores
-from fusellm.tracking.current import require_run
+from fusellm.tracking.current import innermost_fusion, require_run
 from fusellm.tracking.log import set_tags
 from fusellm.tracking.runs import TAG_CODE_VERSION, code_version
 
@@ -124,19 +125,24 @@ def log_and_register_model(
     lower_is_better: bool,
     artifact_path: str = "model",
     trust_remote_code: bool = False,
+    run_id: str | None = None,
 ) -> RegistrationResult:
-    """Log the fused model in the current run, register a new version, decide on `champion`.
+    """Log the fused model, register a new version, decide on `champion`.
+
+    The model is logged in `run_id`, else in the fusion run open in this process (so that the
+    fusion's own run page lists the registered version, even when a stage run is active), else
+    in the current run.
 
     `scores` maps model names to the primary metric: `scores[fused]` for the new model and
     `scores[s]` for every source. The version is tagged with the metric, its direction, its value
     and the sources' values; `champion` moves to it only if it beats every source and the
-    current champion (read from the champion version's tags), else it is tagged challenger.
+    current champion (read from the champion version's tags), else `challenger` moves to it.
     Inputs are checked before the model is loaded.
     """
     model_dir = Path(model_dir).resolve()
     _check_model_dir(model_dir)
     checked = check_scores(scores, fused, list(sources))
-    run_id = require_run("log_and_register_model", None)
+    run_id = run_id or innermost_fusion() or require_run("log_and_register_model", None)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # An absolute name_or_path also keeps MLflow from looking the model up on the Hub.
@@ -179,6 +185,8 @@ def log_and_register_model(
         client.set_registered_model_alias(registered_name, CHAMPION, number)
         if champ_version is not None:
             reason += f"; replaces version {champ_version}"
+    else:  # the newest version that did not win: `models:/<name>@challenger` loads it
+        client.set_registered_model_alias(registered_name, CHALLENGER, number)
     client.set_model_version_tag(
         registered_name, number, TAG_ROLE, CHAMPION if is_champion else CHALLENGER
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -25,6 +26,9 @@ from fusellm.tracking.redact import clean_tags, flatten_params, redact
 
 TAG_CODE_VERSION = "fusellm.code_version"
 TAG_STAGE = "fusellm.stage"
+# Stages whose runs record MLflow's system metrics (CPU, memory, GPU when pynvml is there): the
+# long ones, where a stall or a memory ceiling is worth seeing next to the numbers.
+SYSTEM_METRICS_STAGES = ("extract", "train")
 
 
 def code_version() -> str:
@@ -32,6 +36,18 @@ def code_version() -> str:
     from fusellm.train.card import code_version as _code_version
 
     return _code_version()
+
+
+def readable_run_name(config: Any, when: datetime | None = None) -> str:
+    """``<config name>-<8 hex of the config>-<UTC time>``: which fusion, which settings, when.
+
+    `config`: a pydantic model (its JSON dump is hashed) with a `name`.
+    """
+    from fusellm.io.fingerprint import sha256_json
+
+    when = when or datetime.now(timezone.utc)
+    digest = sha256_json(config.model_dump(mode="json"))[:8]
+    return f"{config.name}-{digest}-{when.astimezone(timezone.utc):%Y%m%d-%H%M%S}"
 
 
 def _local_artifact_root() -> Path | None:
@@ -115,13 +131,17 @@ def stage_run(
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     experiment: str = "fusellm",
+    system_metrics: bool | None = None,
 ) -> Iterator[str]:
     """A run for one stage, nested under the fusion run; yields its run id.
 
     The parent is, in order: `parent_run_id`, the active run of this thread, the innermost
     fusion run open in this process. With none of them the stage gets a top-level run in
-    `experiment`, so a stage can be run and tracked on its own.
+    `experiment`, so a stage can be run and tracked on its own. `system_metrics`: record
+    MLflow's system metrics while the run is open (default: for `SYSTEM_METRICS_STAGES`).
     """
+    if system_metrics is None:
+        system_metrics = stage.startswith(SYSTEM_METRICS_STAGES)
     active = mlflow.active_run()
     if parent_run_id is None and active is not None:
         parent_run_id = active.info.run_id
@@ -138,6 +158,7 @@ def stage_run(
         nested=parent_run_id is not None,
         parent_run_id=parent_run_id,
         tags=all_tags,
+        log_system_metrics=system_metrics,
     ) as run:
         if params is not None:
             mlflow.log_params(flatten_params(params))

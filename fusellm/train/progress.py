@@ -1,9 +1,12 @@
 """Per-step progress of training: a console bar, and the step's metrics in the caller's run.
 
 The orchestration layer owns the MLflow run; training only logs into it, through
-`fusellm.tracking.log_metrics`. MLflow is looked up in `sys.modules` rather than imported: if
-nobody imported it, no run can be active, and a plain `fusellm train` does not pay its import
-time.
+`fusellm.tracking.log_metrics`, while it runs: the parts of the loss (CLM and fusion), the
+learning rate, the gradient norm and the throughput. The total loss of each step is not logged
+here: the training stage keeps it in its record, and the fusion logs it from there once, as
+``train/<fused|baseline>/loss``, also when a finished stage folder is reused.
+MLflow is looked up in `sys.modules` rather than imported: if nobody imported it, no run can be
+active, and a plain `fusellm train` does not pay its import time.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import sys
 from dataclasses import asdict, dataclass
 
 from tqdm.auto import tqdm
+
+STAGE_RECORDED = {"loss"}  # logged by the fusion from the stage record, once
 
 
 @dataclass
@@ -41,7 +46,8 @@ class StepLogger:
         if active is not None:
             from fusellm.tracking import log_metrics
 
-            log_metrics(asdict(metrics), step=step, prefix="train", run_id=active.info.run_id)
+            values = {k: v for k, v in asdict(metrics).items() if k not in STAGE_RECORDED}
+            log_metrics(values, step=step, prefix="train", run_id=active.info.run_id)
 
     def close(self) -> None:
         self.bar.close()
