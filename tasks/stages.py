@@ -19,12 +19,18 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
+from fusellm.io.uris import MissingLocalPath
 from fusellm.stages.base import Artifact, Unit, build_in_pool, process_pool
 from fusellm.stages.pipeline import Executor, MlflowTracker
 
 NETWORK_RETRIES = 3
 NETWORK_BACKOFF = exponential_backoff(backoff_factor=5)  # 5, 10, 20 s (with jitter)
 NETWORK_STEPS = {"resolve-sources", "fetch-model"}
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """A network step fails for a moment; a path that does not exist fails every time."""
+    return not isinstance(state.result(raise_on_failure=False), MissingLocalPath)
 
 
 @task(cache_policy=NO_CACHE)
@@ -94,7 +100,11 @@ class PrefectExecutor(Executor):
     def call(self, name: str, fn, *args):
         options = {"name": name, "task_run_name": name}
         if name in NETWORK_STEPS:
-            options.update(retries=NETWORK_RETRIES, retry_delay_seconds=NETWORK_BACKOFF)
+            options.update(
+                retries=NETWORK_RETRIES,
+                retry_delay_seconds=NETWORK_BACKOFF,
+                retry_condition_fn=worth_retrying,
+            )
         state = run_step.with_options(**options)(fn, *args, return_state=True)
         self.tally.add(name, state.name)
         return _result(state, name)

@@ -247,3 +247,35 @@ def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     assert '"fused_model"' in result.output and '"scores"' in result.output
     assert "MLflow run" in result.output and "/runs/flow-run/" in result.output  # the links
     assert (tmp_path / "home" / "prefect").is_dir()
+
+
+def test_run_command_failure_is_one_red_line_with_a_log(harness, fusion, tmp_path, monkeypatch):
+    """A failure inside the flow: exit 1, one line naming the stage, the task and the path,
+    what to do next, and the traceback in the log file it names (not on the console)."""
+    import re
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from fusellm.settings import embedded_defaults
+    from fusellm_flows.cli import app
+
+    config, _, _ = fusion
+    for name in embedded_defaults(tmp_path / "home"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        monkeypatch.delenv(name)
+    data = config.model_dump(mode="json")
+    missing = tmp_path / "no-such-model"
+    data["sources"][1]["uri"] = str(missing)
+    path = tmp_path / "fusion.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["run", str(path), "--home", str(tmp_path / "home")])
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    line = errors[0]
+    assert "stage prepare" in line and "resolve-sources" in line and str(missing) in line
+    assert "Traceback" not in result.output
+    log = Path(re.search(r"full log: (\S+\.log)", line).group(1))
+    assert "Traceback" in log.read_text() and "MissingLocalPath" in log.read_text()
+    assert "Retry 1/" not in result.output + log.read_text()  # a missing path: no retries

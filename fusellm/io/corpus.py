@@ -34,13 +34,17 @@ from pydantic import Field
 from fusellm.io.hub import hub_commit, hub_offline
 from fusellm.io.s3 import FETCH_STATE, MANIFEST, fetch_s3, list_s3, listing_hash, s3_cache_folder
 from fusellm.io.sources import local_identity
-from fusellm.io.uris import S3URI, HubURI, LocatedRef, SourceError, parse_uri
+from fusellm.io.uris import S3URI, HubURI, LocatedRef, MissingLocalPath, SourceError, parse_uri
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 class CorpusError(SourceError):
     """The corpus cannot be read; the message names the file, line or row, and field."""
+
+
+class MissingCorpusPath(CorpusError, MissingLocalPath):
+    """The corpus's local path does not exist."""
 
 
 class CorpusRef(LocatedRef):
@@ -83,7 +87,7 @@ def _documents(ref: CorpusRef, cache_dir: str | Path | None) -> Iterator[str]:
     else:
         path = uri.path
     if not path.exists():
-        raise CorpusError(f"corpus path {path} does not exist")
+        raise MissingCorpusPath(f"corpus path {path} does not exist")
     yield from read_path(path, ref.text_field, ref.split)
 
 
@@ -267,7 +271,7 @@ def check_corpus(ref: CorpusRef, cache_dir: str | Path | None = None) -> int:
     else:
         path = uri.path
     if not path.exists():
-        raise CorpusError(f"corpus path {path} does not exist")
+        raise MissingCorpusPath(f"corpus path {path} does not exist")
     return _check_path(path, ref.text_field, ref.split)
 
 
@@ -301,7 +305,7 @@ def corpus_fingerprint(ref: CorpusRef) -> str:
         content = f"s3:{listing_hash(list_s3(uri, endpoint_url=ref.endpoint_url))}"
     else:
         if not uri.path.exists():
-            raise CorpusError(f"corpus path {uri.path} does not exist")
+            raise MissingCorpusPath(f"corpus path {uri.path} does not exist")
         content = f"local:{local_identity(uri.path, small=2**62)}"
     selection = json.dumps(
         {"content": content, "text_field": ref.text_field, "split": ref.split, "limit": ref.limit},

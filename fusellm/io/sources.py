@@ -44,7 +44,7 @@ from fusellm.io.s3 import (
     s3_cache_folder,
     upload_dir,  # noqa: F401  (re-exported: publishing is part of sources)
 )
-from fusellm.io.uris import S3URI, URI, HubURI, LocatedRef, SourceError, parse_uri
+from fusellm.io.uris import S3URI, URI, HubURI, LocatedRef, MissingLocalPath, SourceError, parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def fetch(ref: ModelRef, cache_dir: str | Path, *, hub_cache: str | Path | None 
     if isinstance(p, S3URI):
         return fetch_s3(p, s3_cache_folder(cache_dir, p), endpoint_url=ref.endpoint_url)
     if not p.path.exists():
-        raise SourceError(f"local model path {p.path} does not exist")
+        raise MissingLocalPath(f"local model path {p.path} does not exist")
     return p.path
 
 
@@ -123,7 +123,7 @@ def local_identity(path: str | Path, small: int = SMALL_FILE) -> str:
     """Hash of names and sizes, the contents of files under `small` bytes, size+mtime of others."""
     path = Path(path)
     if not path.exists():
-        raise SourceError(f"local path {path} does not exist")
+        raise MissingLocalPath(f"local path {path} does not exist")
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:

@@ -21,6 +21,10 @@ class SourceError(ValueError):
     """A source cannot be parsed, found, fetched or verified; the message says which and why."""
 
 
+class MissingLocalPath(SourceError):
+    """A local path a config names does not exist: asking again will not help (no retry)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # URIs
 
