@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 
@@ -25,6 +24,7 @@ from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults, prefect_ui_url
 from fusellm.stages import pipeline
 from fusellm.stages.registry import write_record
+from fusellm_tasks.stages import PrefectExecutor
 
 
 def fusion_run_name() -> str:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 
-from fusellm_flows.fuse import fuse
-from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow, get_run_logger
 
 from fusellm.config import FusionConfig, load_fusion_config
 from fusellm.settings import apply_tracking_defaults
 from fusellm.stages.prepare import resolve_identities
 from fusellm.stages.registry import changed_inputs
+from fusellm_flows.fuse import fuse
+from fusellm_tasks.stages import PrefectExecutor
 
 CONFIG_ENV = "FUSELLM_CONFIG"
 DEFAULT_CONFIG = "fusion.yaml"

@@ -18,10 +18,11 @@ REFUSION_CRON = "0 3 * * 1"  # Mondays 03:00 UTC, as in infra/prefect.yaml
 def deployments(config_file: Path, config: FusionConfig) -> list:
     """`fuse`, `prepare`, `extract`, `align-fuse`, `train` with `config` as the form's default,
     and `refusion` on its weekly schedule reading `config_file`."""
+    from prefect.deployments.runner import EntrypointType
+
     from fusellm_flows import stages
     from fusellm_flows.fuse import fuse
     from fusellm_flows.refusion import refusion
-    from prefect.deployments.runner import EntrypointType
 
     form = {"config": config.model_dump(mode="json")}
     common = {"entrypoint_type": EntrypointType.MODULE_PATH}

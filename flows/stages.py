@@ -5,12 +5,12 @@ too: their folders exist when already done (``Cached``), so a stage can be (re)r
 
 from __future__ import annotations
 
-from fusellm_tasks.stages import PrefectExecutor
 from prefect import flow
 
 from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults
 from fusellm.stages import pipeline
+from fusellm_tasks.stages import PrefectExecutor
 
 # The four flows below share their shape on purpose: each must be its own decorated function so
 # that Prefect shows its name, docstring and typed form; they differ only in the stage they stop

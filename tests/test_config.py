@@ -99,8 +99,9 @@ def test_schema_is_a_form_and_round_trips():
 
 
 def test_run_command_reports_config_errors_before_starting_anything(tmp_path):
-    from fusellm_flows.cli import app
     from typer.testing import CliRunner
+
+    from fusellm_flows.cli import app
 
     path = _write(tmp_path, {**MINIMAL, "training": {"lam": 1.5}})
     result = CliRunner().invoke(app, ["run", str(path), "--home", str(tmp_path / "home")])

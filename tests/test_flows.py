@@ -182,9 +182,8 @@ def _check_results_where_users_look(client, summary, parent):
 
 
 def test_refusion_runs_only_when_inputs_changed(harness, fusion):
-    from fusellm_flows.refusion import refusion
-
     from fusellm.stages.registry import read_record
+    from fusellm_flows.refusion import refusion
 
     config, models, _ = fusion
     if read_record(config) is None:  # run alone: make the first fusion
@@ -211,9 +210,8 @@ def test_refusion_needs_exactly_one_config(harness, fusion):
 
 def test_stage_flows_run_alone_from_the_cache(harness, fusion):
     """A stage deployed on its own reruns the stages before it as cache hits."""
-    from fusellm_flows import stages
-
     from fusellm.stages.registry import read_record
+    from fusellm_flows import stages
 
     config, _, _ = fusion
     if read_record(config) is None:
@@ -231,10 +229,10 @@ def test_stage_flows_run_alone_from_the_cache(harness, fusion):
 def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     """`fusellm run CONFIG` reads the YAML, applies the embedded defaults and runs `fuse`."""
     import yaml
-    from fusellm_flows.cli import app
     from typer.testing import CliRunner
 
     from fusellm.settings import embedded_defaults
+    from fusellm_flows.cli import app
 
     config, _, _ = fusion
     for name in embedded_defaults(tmp_path / "home"):  # restored after the test

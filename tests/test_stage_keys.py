@@ -277,9 +277,10 @@ def test_prefect_caches_nothing_itself():
     """The stage folder is the only cache: every task has Prefect's cache off, so no second
     key exists to drift from the stage's (one once forgot `alignment.method`), and a deleted
     work folder is rebuilt instead of being answered from Prefect's result store."""
-    import fusellm_tasks.stages as tasks
     from prefect import Task
     from prefect.cache_policies import NO_CACHE
+
+    import fusellm_tasks.stages as tasks
 
     found = [v for v in vars(tasks).values() if isinstance(v, Task)]
     assert found and all(t.cache_policy is NO_CACHE for t in found)
