@@ -23,11 +23,8 @@ import typer
 
 from fusellm.cli import app
 from fusellm.cli import serve as serve_cli
+from fusellm.cli.options import Home
 
-Home = Annotated[
-    Path | None,
-    typer.Option("--home", help="data folder for Prefect and MLflow state (default: ./.fusellm)"),
-]
 Sets = Annotated[
     list[str] | None,
     typer.Option("--set", help="change a field of the config: --set training.lam=0.5 (repeat)"),

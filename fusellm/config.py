@@ -379,6 +379,8 @@ class FusionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # The fields below are declared alike on purpose: each a default, a title and a description,
+    # which the Prefect form and docs/config.md show.
     name: str = Field(
         "fusion", min_length=1, title="Fusion name", description="names the MLflow run"
     )

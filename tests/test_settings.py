@@ -103,7 +103,7 @@ def test_ui_commands_bind_loopback_over_the_embedded_stores(tmp_path):
 
 
 def test_ui_command_prints_both_commands(tmp_path):
-    result = CliRunner().invoke(app, ["ui", "--data", str(tmp_path), "--mlflow-port", "5111"])
+    result = CliRunner().invoke(app, ["ui", "--home", str(tmp_path), "--mlflow-port", "5111"])
     assert result.exit_code == 0, result.output
     assert "http://127.0.0.1:4200" in result.output
     assert "http://127.0.0.1:5111" in result.output

@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from fusellm.cli.options import Home
+
 Sets = Annotated[
     list[str] | None,
     typer.Option(
@@ -57,9 +59,7 @@ def plan_command(
     peak_tflops: Annotated[
         float, typer.Option(min=0.001, help="GPU peak TFLOP/s (H100 SXM bf16 dense: 989)")
     ] = 989.0,
-    home: Annotated[
-        Path | None, typer.Option("--home", help="data folder for Prefect and MLflow state")
-    ] = None,
+    home: Home = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Which stages are done, which a run would compute and why, and the estimated cost."""

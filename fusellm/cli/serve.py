@@ -26,6 +26,7 @@ from typing import Annotated
 
 import typer
 
+from fusellm.cli.options import Home, MlflowPort, PrefectPort
 from fusellm.config import FusionConfig
 from fusellm.settings import (
     MLFLOW_DB,
@@ -126,12 +127,7 @@ def serve(
 
 
 def serve_command(
-    home: Annotated[
-        Path | None,
-        typer.Option(
-            "--home", help="project data folder (default: $FUSELLM_HOME, else ./.fusellm)"
-        ),
-    ] = None,
+    home: Home = None,
     config: Annotated[
         Path | None,
         typer.Option(
@@ -145,12 +141,8 @@ def serve_command(
             help="without --config: the demo to build (full; tiny: seconds-sized models)",
         ),
     ] = "full",
-    prefect_port: Annotated[
-        int, typer.Option(help="port of the Prefect server and UI on 127.0.0.1")
-    ] = PREFECT_PORT,
-    mlflow_port: Annotated[
-        int, typer.Option(help="port of the MLflow server and UI on 127.0.0.1")
-    ] = MLFLOW_PORT,
+    prefect_port: PrefectPort = PREFECT_PORT,
+    mlflow_port: MlflowPort = MLFLOW_PORT,
 ) -> None:
     """Start the Prefect and MLflow servers and serve the fusion flows' deployments (fuse, its
     stages, the weekly refusion) on 127.0.0.1; Ctrl-C stops everything."""

@@ -20,6 +20,7 @@ from typing import Annotated
 
 import typer
 
+from fusellm.cli.options import Home, MlflowPort, PrefectPort
 from fusellm.settings import (
     MLFLOW_PORT,
     PREFECT_PORT,
@@ -218,21 +219,12 @@ def ui_command(
         bool,
         typer.Option("--start", help="start both servers here, as `fusellm serve` does"),
     ] = False,
-    data: Annotated[
-        Path | None,
-        typer.Option(
-            "--home", "--data", help="project data folder (default: $FUSELLM_HOME, else ./.fusellm)"
-        ),
-    ] = None,
-    prefect_port: Annotated[
-        int, typer.Option(help="port of the Prefect UI on 127.0.0.1")
-    ] = PREFECT_PORT,
-    mlflow_port: Annotated[
-        int, typer.Option(help="port of the MLflow UI on 127.0.0.1")
-    ] = MLFLOW_PORT,
+    home: Home = None,
+    prefect_port: PrefectPort = PREFECT_PORT,
+    mlflow_port: MlflowPort = MLFLOW_PORT,
 ) -> None:
     """Print (or with --start, run) the Prefect and MLflow UIs over the embedded stores."""
-    home = data_dir(data)
+    home = data_dir(home)
     if start:
         from fusellm.cli.serve import serve
 

@@ -13,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from fusellm.cli.options import Home
+
 REMOTE = ("hf://", "s3://")
 
 
@@ -81,10 +83,7 @@ def eval_command(
             "--trust-remote-code", help="Allow code shipped with the model (off by default)."
         ),
     ] = False,
-    home: Annotated[
-        Path | None,
-        typer.Option("--home", help="data folder (S3 models are downloaded under it)."),
-    ] = None,
+    home: Home = None,
 ) -> None:
     """Evaluate a model on a suite (lm-eval) and write results.json, samples/ and the config."""
     from rich.console import Console
