@@ -62,7 +62,8 @@ def pieces_unit(
     def build(folder: Path) -> dict:
         cache = Path(config.workdir) / "cache"
         check_corpus(config.corpus, cache)
-        tokenizers = [tokenizer_of(m) for m in models]
+        distinct = {m.tokenizer: m for m in models}  # the target is often a source too
+        tokenizers = [tokenizer_of(m) for m in distinct.values()]
         tally = PiecesTally()
         pieces = iter_pieces(
             iter_documents(config.corpus, cache),
