@@ -69,10 +69,9 @@ def harness(tmp_path_factory):
 @pytest.fixture(scope="module")
 def demo_runs(harness, tmp_path_factory):
     """Two tiny demos with the same seed, each in its own folder, sharing the source cache."""
-    from fusellm_flows.fuse import fuse
-
     from fusellm.demo.run import run_demo
     from fusellm.settings import embedded_defaults
+    from fusellm_flows.fuse import fuse
 
     root = tmp_path_factory.mktemp("demo")
     home = root / "home"
