@@ -281,8 +281,10 @@ def test_clm_baseline_in_process_logs_to_active_mlflow_run(fixture, tmp_path, mo
         m: client.get_metric_history(run.info.run_id, f"train/{m}")
         for m in ("loss", "clm_loss", "fusion_loss", "learning_rate", "grad_norm", "tokens_per_s")
     }
+    # The total loss is the stage record's (the fusion logs it once from there); the parts and
+    # the optimizer's numbers are logged live, one value per step.
+    assert history.pop("loss") == []
     assert all(len(h) == 6 for h in history.values())
-    assert [m.value for m in history["loss"]] == pytest.approx(result.losses)
     assert [m.value for m in history["clm_loss"]] == pytest.approx(result.losses)  # lam = 1
     assert all(m.value == 0 for m in history["fusion_loss"])
     assert all(m.value > 0 for m in history["tokens_per_s"] + history["grad_norm"])
