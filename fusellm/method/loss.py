@@ -211,6 +211,7 @@ def fusion_loss_parts(
     return total, clm, fuse
 
 
+# The same parameters as `fusion_loss_parts`, on purpose: this is its total alone.
 def fusion_loss(
     logits,
     labels,
