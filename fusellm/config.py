@@ -57,6 +57,13 @@ class PiecesConfig(_Section):
         description="tokens left free in the block for each model's special tokens (BOS, EOS); "
         "pieces are cut to at most block_size - margin tokens (paper: 48)",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        title="Worker processes",
+        description="processes cutting texts at once; the pieces are the same whatever the "
+        "number (default: the cores of this machine)",
+    )
 
     @model_validator(mode="after")
     def _room_left(self) -> PiecesConfig:

@@ -227,3 +227,45 @@ def test_locally_trained_tokenizer_families():
     text = _long_text(20_000, seed=11) + " cafe\u0301 e\u0301te\u0301 "  # decomposed accents
     pieces = cut_pieces([text], toks, block_size=100, margin=4, progress=False)
     check(text, pieces, toks, 96)
+
+
+def _many_texts(n: int) -> list[str]:
+    rng = random.Random(5)
+    texts = [_long_text(rng.randrange(50, 1500), seed) for seed in range(n)]
+    texts[7] = texts[300] = "  \n"  # dropped, counted the same way in both
+    return texts
+
+
+def test_parallel_cutting_gives_the_same_pieces_in_the_same_order(tokenizers):
+    texts = _many_texts(420)  # 7 batches: more than the 2 x 2 in flight, so the pool runs
+    serial, parallel = PiecesTally(), PiecesTally()
+    one = list(iter_pieces(texts, tokenizers, 96, 8, tally=serial, progress=False))
+    two = list(iter_pieces(texts, tokenizers, 96, 8, tally=parallel, progress=False, workers=2))
+    assert len(one) > len(texts)
+    assert two == one
+    assert (parallel.texts, parallel.dropped_empty, parallel.recut) == (
+        serial.texts,
+        serial.dropped_empty,
+        serial.recut,
+    )
+    assert serial.texts == 420 and serial.dropped_empty >= 2
+
+
+def test_parallel_cutting_streams(tokenizers):
+    """Texts are read a few batches ahead of the pieces handed on, never the whole corpus."""
+    from fusellm.data.pieces import BATCH
+
+    texts = _many_texts(1000)
+    read = 0
+
+    def stream():
+        nonlocal read
+        for text in texts:
+            read += 1
+            yield text
+
+    pieces = iter_pieces(stream(), tokenizers, 96, 8, progress=False, workers=2)
+    next(pieces)
+    assert read <= 6 * BATCH < len(texts)  # the window of 4 batches, the next one, and slack
+    rest = list(pieces)
+    assert read == len(texts) and len(rest) > len(texts)

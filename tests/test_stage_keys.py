@@ -45,6 +45,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "corpus.limit": (10, P | AFTER_PIECES),
     "pieces.block_size": (80, P | AFTER_PIECES),
     "pieces.margin": (10, P | AFTER_PIECES),
+    "pieces.workers": (2, set()),
     "extraction.top_k": (3, E_LLAMA | E_NEOX | FUSED),
     "extraction.shard_size": (7, P | AFTER_PIECES),
     "extraction.token_ce": (False, E_LLAMA | E_NEOX | FUSED),

@@ -15,6 +15,8 @@ How we cut, in linear time:
 3. Tokenization depends on context at the cut (a word cut loose gets a different split), so every
    piece is re-tokenized alone by every tokenizer; a piece that does not fit is cut again the same
    way. Each re-cut makes pieces strictly shorter, so this terminates.
+4. Texts are cut independently, so batches of them are cut in several processes at once and the
+   pieces handed on in corpus order: the same pieces whatever the number of workers.
 
 Pieces are exact slices: ``"".join(pieces_of(text)) == text``. Empty and whitespace-only texts carry
 nothing to learn from and are dropped, and counted.
@@ -22,8 +24,12 @@ nothing to learn from and are dropped, and counted.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -201,39 +207,96 @@ def iter_pieces(
     *,
     tally: PiecesTally | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> Iterator[str]:
-    """Pieces of `texts`, as a stream: memory holds one batch of texts, never the corpus.
+    """Pieces of `texts`, in corpus order, as a stream: memory holds a few batches of texts,
+    never the corpus.
 
-    `tally` counts texts, dropped empty ones and re-cuts.
+    `workers` > 1 cuts batches in that many processes at once (`_cut_parallel`); the pieces are
+    the same, in the same order, as with one. `tally` counts texts, dropped empty ones and
+    re-cuts.
     """
     _check_tokenizers(tokenizers)
     limit = _limit(block_size, margin)
     tally = tally if tally is not None else PiecesTally()
-    batch: list[str] = []
+    batches = _batches(texts, tally)
+    if workers > 1:
+        results = _cut_parallel(batches, tokenizers, limit, workers)
+    else:
+        results = (_cut_batch(batch, tokenizers, limit) for batch in batches)
     with tqdm(desc="pieces", unit="text", disable=not progress) as bar:
-        for text in texts:
-            tally.texts += 1
-            if not isinstance(text, str):
-                raise TypeError(f"text #{tally.texts - 1} is {type(text).__name__}, expected str")
-            if not text.strip():
-                tally.dropped_empty += 1
-                continue
-            batch.append(text)
-            if len(batch) >= BATCH:
-                yield from _flush(batch, tokenizers, limit, tally, bar)
-        yield from _flush(batch, tokenizers, limit, tally, bar)
+        for pieces, recut, count in results:
+            tally.recut += recut
+            bar.update(count)
+            yield from pieces
     if tally.dropped_empty:
         log.info("dropped %d empty or whitespace-only texts of %d", tally.dropped_empty, tally.texts)
 
 
-def _flush(batch: list[str], tokenizers, limit: int, tally: PiecesTally, bar) -> list[str]:
-    if not batch:
-        return []
-    cut, recut = _split_batch(batch, tokenizers, limit)
-    tally.recut += recut
-    bar.update(len(batch))
-    batch.clear()
-    return cut
+def _batches(texts: Iterable[str], tally: PiecesTally) -> Iterator[list[str]]:
+    """Non-empty texts in batches of `BATCH`; counts every text and every dropped one."""
+    batch: list[str] = []
+    for text in texts:
+        tally.texts += 1
+        if not isinstance(text, str):
+            raise TypeError(f"text #{tally.texts - 1} is {type(text).__name__}, expected str")
+        if not text.strip():
+            tally.dropped_empty += 1
+            continue
+        batch.append(text)
+        if len(batch) >= BATCH:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _cut_batch(batch: list[str], tokenizers: Sequence, limit: int) -> tuple[list[str], int, int]:
+    """(pieces, re-cuts, texts) of one batch."""
+    pieces, recut = _split_batch(batch, tokenizers, limit)
+    return pieces, recut, len(batch)
+
+
+def _cut_parallel(
+    batches: Iterator[list[str]], tokenizers: Sequence, limit: int, workers: int
+) -> Iterator[tuple[list[str], int, int]]:
+    """Batches cut in `workers` spawned processes, results in corpus order.
+
+    At most ``2 * workers`` batches are in flight, so memory stays bounded however long the
+    corpus. A corpus of fewer batches than that is cut here: starting processes (each imports
+    transformers and unpickles the tokenizers) would cost more than the cutting.
+    """
+    window = 2 * workers
+    head = list(itertools.islice(batches, window))
+    if len(head) < window:
+        yield from (_cut_batch(batch, tokenizers, limit) for batch in head)
+        return
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(list(tokenizers),),
+    )
+    try:
+        pending = deque(pool.submit(_cut_in_worker, batch, limit) for batch in head)
+        for batch in batches:
+            yield pending.popleft().result()  # re-raises a worker's error, e.g. an uncuttable text
+            pending.append(pool.submit(_cut_in_worker, batch, limit))
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER_TOKENIZERS: list = []
+
+
+def _init_worker(tokenizers: list) -> None:
+    _WORKER_TOKENIZERS[:] = tokenizers
+
+
+def _cut_in_worker(batch: list[str], limit: int) -> tuple[list[str], int, int]:
+    return _cut_batch(batch, _WORKER_TOKENIZERS, limit)
 
 
 def cut_pieces(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fusellm.config import FusionConfig
@@ -34,12 +35,13 @@ def fetch_model(name: str, ref: ModelRef, identity: str, workdir: Path) -> Model
 
 def pieces_key(config: FusionConfig, models: list[ModelFiles], corpus_identity: str) -> str:
     """Pieces depend on the corpus, the tokenizers (not the weights), how texts are cut, and
-    the shard size (extraction and fusion work one pieces shard at a time)."""
+    the shard size (extraction and fusion work one pieces shard at a time); not on
+    `pieces.workers`, which changes no piece."""
     return stage_key(
         "pieces",
         corpus=corpus_identity,
         tokenizers=sorted({m.tokenizer for m in models}),
-        pieces=config.pieces.model_dump(),
+        pieces=config.pieces.model_dump(exclude={"workers"}),
         shard_size=config.extraction.shard_size,
     )
 
@@ -53,7 +55,8 @@ def pieces_unit(
 ) -> Unit:
     """Cut the corpus into pieces every model's tokenizer fits in the block (docs/design.md).
 
-    Streams: documents are read, cut and written one shard at a time.
+    Streams: documents are read, cut (in `pieces.workers` processes, default the cores) and
+    written one shard at a time, in corpus order.
     """
     from fusellm.data.piece_shards import write_piece_shards
     from fusellm.data.pieces import PiecesTally, iter_pieces
@@ -72,6 +75,7 @@ def pieces_unit(
             config.pieces.margin,
             tally=tally,
             progress=progress,
+            workers=config.pieces.workers or os.cpu_count() or 1,
         )
         manifest = write_piece_shards(pieces, folder, config.extraction.shard_size)
         if not manifest["count"]:
