@@ -20,7 +20,7 @@ from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
 from fusellm.io.uris import MissingLocalPath
-from fusellm.stages.base import Artifact, Unit, build_in_pool, process_pool
+from fusellm.stages.base import Artifact, Unit, UnitPool
 from fusellm.stages.pipeline import Executor, MlflowTracker
 
 NETWORK_RETRIES = 3
@@ -37,9 +37,9 @@ def worth_retrying(task, task_run, state) -> bool:
 def run_unit(unit: Unit, pool=None):
     """Build one stage folder (or find it built): ``Cached`` when it already existed.
 
-    `pool`: worker processes for CPU-bound units (align and fuse), past the GIL.
+    `pool`: a `UnitPool` for CPU-bound units (align and fuse), to build past the GIL.
     """
-    artifact = unit.run() if pool is None else build_in_pool(pool, unit)
+    artifact = unit.run() if pool is None else pool.build(unit)
     if artifact.reused:
         return Completed(data=artifact, name="Cached", message=f"{unit.stage}/{unit.key} exists")
     return artifact
@@ -118,10 +118,11 @@ class PrefectExecutor(Executor):
         return _result(state, unit.label)
 
     def run_all(self, units: list[Unit], workers: int = 1) -> list[Artifact]:
-        """All units as concurrent task runs; units meant for a process pool share one of
-        `workers` processes, so at most that many build at once."""
+        """All units as concurrent task runs; units meant for a process pool share a
+        `UnitPool` of `workers` places (this process and spawned ones), so at most that many
+        build at once."""
         if workers > 1 and units and all(u.in_process_pool for u in units):
-            with process_pool(workers) as pool:
+            with UnitPool(workers) as pool:
                 return self._gather(units, [self._task(u).submit(u, pool) for u in units])
         return self._gather(units, [self._task(u).submit(u) for u in units])
 

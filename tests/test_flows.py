@@ -277,3 +277,25 @@ def test_run_command_failure_is_one_red_line_with_a_log(harness, fusion, tmp_pat
     log = Path(re.search(r"full log: (\S+\.log)", line).group(1))
     assert "Traceback" in log.read_text() and "MissingLocalPath" in log.read_text()
     assert "Retry 1/" not in result.output + log.read_text()  # a missing path: no retries
+
+
+def test_prefect_task_runs_share_one_unit_pool(harness, tmp_path):
+    """CPU-bound units as Prefect tasks: at most `workers` at once, this process one of them."""
+    from prefect import flow
+    from test_unit_pool import _most_at_once, _units
+
+    from fusellm_tasks.stages import PrefectExecutor
+
+    units = _units(tmp_path, 6, seconds=0.3)
+
+    @flow
+    def probe():
+        ex = PrefectExecutor()
+        return ex.run_all(units, workers=2), ex.tally.states
+
+    artifacts, states = probe()
+    infos = [a.info for a in artifacts]
+    assert [a.key for a in artifacts] == [u.key for u in units]
+    assert states["probe"] == ["Completed"] * 6
+    assert _most_at_once(infos) <= 2
+    assert len({i["pid"] for i in infos}) == 2 and os.getpid() in {i["pid"] for i in infos}

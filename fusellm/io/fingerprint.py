@@ -9,8 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 
-import torch
-
 # Config keys that describe where or how a model was loaded, not what it computes.
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path",
@@ -48,6 +46,8 @@ def model_fingerprint(model) -> str:
     Hashing every weight of a 7B model would cost a full pass over 14 GB; a fixed sample of each
     tensor (plus names, shapes and dtypes) still changes whenever training touched the weights.
     """
+    import torch  # here, not at the top: align-and-fuse workers import this module, not torch
+
     config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
     digest = hashlib.sha256(sha256_json(config).encode())
     with torch.no_grad():

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from fusellm.io.files import write_json_atomic
 from fusellm.io.fingerprint import sha256_json
@@ -145,12 +146,45 @@ def build_in_pool(pool, unit: Unit) -> Artifact:
     return Artifact(done.stage, done.key, done.path, done.info)
 
 
+class UnitPool:
+    """`workers` places to build CPU-bound units at once: this process and `workers - 1`
+    spawned ones.
+
+    This process has its imports and tokenizers loaded already and starts at once; a spawned
+    process first pays a few seconds of imports (transformers, torch) before its first unit.
+    Any number of threads may call `build`: at most `workers` build at a time, one of them here.
+    Use it as a context manager, which stops the processes.
+    """
+
+    def __init__(self, workers: int):
+        if workers < 2:
+            raise ValueError(f"a unit pool needs at least 2 workers, got {workers}")
+        self._slots = threading.Semaphore(workers)
+        self._here = threading.Lock()
+        self._processes = process_pool(workers - 1)
+
+    def build(self, unit: Unit) -> Artifact:
+        with self._slots:
+            if self._here.acquire(blocking=False):
+                try:
+                    return unit.run()
+                finally:
+                    self._here.release()
+            return build_in_pool(self._processes, unit)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._processes.shutdown(wait=True, cancel_futures=True)
+
+
 def run_units_in_pool(units: list[Unit], workers: int) -> list[Artifact]:
-    """Build units in up to `workers` processes at once; results in the order given."""
+    """Build units in up to `workers` places at once (`UnitPool`); results in the order given."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with process_pool(workers) as pool, ThreadPoolExecutor(workers) as waiters:
-        return list(waiters.map(lambda u: build_in_pool(pool, u), units))
+    with UnitPool(workers) as pool, ThreadPoolExecutor(workers) as waiters:
+        return list(waiters.map(pool.build, units))
 
 
 def _run_unit(unit: Unit) -> str:
