@@ -438,3 +438,25 @@ def test_plan_reads_s3_models_only_from_a_complete_mirror(tmp_path, monkeypatch)
         assert plan["stopped"] is None and _pending(plan)["pieces"] == "never built"
         assert plan["estimate"]["models"][0]["parameters_from"] == "safetensors headers"
         assert _tree(tmp_path) == before
+
+
+def test_plan_projects_the_cpu_stages_as_docs_scaling_does(tmp_path, monkeypatch):
+    """MiniPile on 64 cores: pieces + align-and-fuse in the plan as in docs/scaling.md §3."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.chdir(tmp_path)
+    sets = ["--set", "pieces.workers=64", "--set", "fusion.workers=64"]
+    result = _invoke("plan", str(SEVEN_B), "--home", str(tmp_path / "h"), "--json", *sets)
+    assert result.exit_code == 0, result.output
+    cpu = json.loads(result.output)["estimate"]["cpu"]
+    assert cpu["text_bytes"] == pytest.approx(7.2e9)  # 1.8e9 planned tokens x 4 bytes
+    assert cpu["workers"] == {"pieces": 64, "align_fuse": 64}
+    text = (REPO / "docs" / "scaling.md").read_text()
+    pieces_s = float(re.search(r"\| pieces, 64 workers \| .* \| ([\d,]+) \|", text)[1].replace(",", ""))
+    fuse_row = re.search(r"\| align-and-fuse, 64 workers \| .* \| ([\d,]+) \|", text)[1]
+    assert cpu["pieces_cpu_hours"] * 3600 / 64 == pytest.approx(pieces_s, rel=0.01)
+    # the docs take the slower of per-token and per-byte; the plan projects per byte
+    assert cpu["align_fuse_cpu_hours"] * 3600 / 64 == pytest.approx(float(fuse_row), rel=0.01)
+    assert cpu["wall_hours"] < 1.0
+    shown = _invoke("plan", str(SEVEN_B), "--home", str(tmp_path / "h"), *sets).output
+    assert "CPU: pieces" in shown and "on 64 workers" in shown

@@ -34,6 +34,11 @@ from fusellm.io.uris import S3URI, HubURI, LocalURI, parse_uri
 BYTES_PER_TOKEN_GUESS = 4.0  # UTF-8 bytes per token of English text for 32k-50k vocabularies
 RECORD_BYTES = np.dtype(np.int64).itemsize + np.dtype(np.float32).itemsize  # offset + ce
 APPLIES = {"bytes": {"extract", "fuse"}, "flops": {"extract", "train"}}  # what each stage costs
+# CPU work per CPU-second of the two corpus-sized CPU stages, measured by benchmarks/bench_scale.py
+# (docs/scaling.md, 8 MB of text, three tokenizers): bytes of corpus text cut into pieces, and
+# bytes of corpus text aligned and fused. Both stages run one process per core by default.
+PIECES_BYTES_PER_CPU_S = 358_451
+FUSE_BYTES_PER_CPU_S = 277_309
 GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3"}
 
 
@@ -248,6 +253,8 @@ class Estimate:
         flops = self.total("flops", status)
         return None if flops is None else flops / self.flops_per_gpu_second / 3600
 
+    cpu: dict = field(default_factory=dict)
+
     def as_dict(self) -> dict:
         rate = self.flops_per_gpu_second
         return {
@@ -265,8 +272,38 @@ class Estimate:
                 "flops": self.total("flops", "to compute"),
                 "gpu_hours": self.gpu_hours("to compute"),
             },
+            "cpu": self.cpu,
             "notes": self.notes,
         }
+
+
+def cpu_estimate(config: FusionConfig, target_tokens: float | None) -> dict:
+    """CPU-hours of cutting pieces and of align-and-fuse, and their wall time on this machine.
+
+    Both are linear in the corpus text and spread over one process per core (`pieces.workers`,
+    `fusion.workers`, default the cores); the rates are `PIECES_BYTES_PER_CPU_S` and
+    `FUSE_BYTES_PER_CPU_S`. Text bytes: the local corpus's size, else tokens at
+    `BYTES_PER_TOKEN_GUESS`.
+    """
+    text = local_corpus_bytes(config)
+    source = "local corpus size"
+    if text is None and target_tokens is not None:
+        text, source = target_tokens * BYTES_PER_TOKEN_GUESS, "target tokens x 4 bytes"
+    if text is None:
+        return {}
+    cores = os.cpu_count() or 1
+    pieces_cores = config.pieces.workers or cores
+    fuse_cores = config.fusion.workers or cores
+    pieces = text / PIECES_BYTES_PER_CPU_S
+    fuse = text / FUSE_BYTES_PER_CPU_S
+    return {
+        "text_bytes": text,
+        "text_bytes_from": source,
+        "pieces_cpu_hours": pieces / 3600,
+        "align_fuse_cpu_hours": fuse / 3600,
+        "workers": {"pieces": pieces_cores, "align_fuse": fuse_cores},
+        "wall_hours": (pieces / pieces_cores + fuse / fuse_cores) / 3600,
+    }
 
 
 def _status(report, *patterns: str) -> str:
@@ -313,7 +350,8 @@ def estimate(config: FusionConfig, report=None, *, mfu: float = 0.4, peak_tflops
             Row("train", what, train_tokens, None, flops, _status(report, f"train-{label}"))
         )
     notes.append("evaluation is not estimated: it depends on the suites' sizes and generation")
-    return Estimate(mfu, peak_tflops, models, rows, notes)
+    cpu = cpu_estimate(config, target.tokens)
+    return Estimate(mfu, peak_tflops, models, rows, notes, cpu)
 
 
 def _count_tokens(models: list[ModelEstimate], config: FusionConfig, report) -> list[str]:

@@ -182,6 +182,16 @@ def _estimate_lines(figures) -> list[str]:
             f"  to compute now: {hours(figures.gpu_hours('to compute'))} GPU-hours, "
             f"{size(figures.total('bytes', 'to compute'))} of new stores"
         )
+    cpu = figures.cpu
+    if cpu:
+        workers = cpu["workers"]
+        lines.append(
+            f"  CPU: pieces {hours(cpu['pieces_cpu_hours'])} CPU-h on {workers['pieces']} "
+            f"workers, align-and-fuse {hours(cpu['align_fuse_cpu_hours'])} CPU-h on "
+            f"{workers['align_fuse']}: {hours(cpu['wall_hours'])} h of wall "
+            f"({size(cpu['text_bytes'])} of text, {cpu['text_bytes_from']}; rates from "
+            "docs/scaling.md)"
+        )
     return lines
 
 
