@@ -248,3 +248,38 @@ def test_fuse_shards_in_worker_processes_match_in_process(setup):
     pooled = Executor()
     assert digests(pooled.run_all(units, workers=2)) == here
     assert pooled.tally.states["fuse"] == ["Completed"] * n
+
+
+def test_extraction_loads_each_model_once_for_all_its_shards(setup):
+    """Every shard of two models through the walk's executor: one load per model, and the same
+    bytes as from a model loaded fresh for the unit."""
+    import hashlib
+    import shutil
+
+    from fusellm.stages.devices import DEVICES
+    from fusellm.stages.pipeline import Executor
+
+    config, _, target, sources, pieces = setup
+    n = shard_count(pieces)
+    models = [target, sources[1]]
+    units = [
+        extract_unit(m, pieces, i, config, place=p, progress=False)
+        for p, m in enumerate(models)
+        for i in range(n)
+    ]
+    for unit in units:
+        shutil.rmtree(config.workdir / unit.stage / unit.key, ignore_errors=True)
+    DEVICES.release()
+    before = DEVICES.loads.copy()
+    done = Executor().run_all(units)
+    loads = DEVICES.loads - before
+    assert loads == {("cpu", target.identity): 1, ("cpu", sources[1].identity): 1}
+    assert {a.info["device"] for a in done} == {"cpu"}
+
+    def digest(artifact):
+        return hashlib.sha256((artifact.path / "store" / "shard-00000.safetensors").read_bytes())
+
+    kept = digest(done[n - 1]).hexdigest()  # the last target shard, on a model used n times
+    shutil.rmtree(done[n - 1].path)
+    DEVICES.release()
+    assert digest(units[n - 1].run()).hexdigest() == kept

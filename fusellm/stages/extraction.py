@@ -10,7 +10,6 @@ from fusellm.stages.base import (
     ModelFiles,
     StageError,
     Unit,
-    device_for,
     stage_key,
     tokenizer_of,
 )
@@ -41,35 +40,45 @@ def extract_unit(
     shard: int | None,
     config: FusionConfig,
     *,
+    place: int = 0,
+    models: int = 1,
     progress: bool = True,
 ) -> Unit:
     """Top-k distributions of one model over one shard of the pieces (one unit of parallel work).
 
-    `shard` None stands for "every shard" in a plan made before the pieces exist.
+    `shard` None stands for "every shard" in a plan made before the pieces exist. `place`: the
+    model's position among the fusion's `models`, which with the shard decides the GPU
+    (`fusellm.stages.devices`: each model on GPUs of its own, one unit per device at a time,
+    the model loaded once per device for all of its units there).
     """
     from fusellm.data.extract import extract_topk
     from fusellm.io.sources import load_model
+    from fusellm.stages.devices import DEVICES, device_of, gpu_count
 
     e = config.extraction
 
     def build(folder: Path) -> dict:
         texts = read_shard(pieces, shard)  # this shard's pieces only
-        lm = load_model(model.path, model.ref).to(device_for(e.device))
-        manifest = extract_topk(
-            lm,
-            tokenizer_of(model),
-            texts,
-            folder / "store",
-            top_k=e.top_k,
-            batch_size=e.batch_size,
-            max_length=config.pieces.block_size,
-            shard_size=len(texts),
-            token_ce=e.token_ce,
-            progress=progress,
-        )
+        device = device_of(e.device, place, gpu_count(), models=models, shard=shard or 0)
+        with DEVICES.use(
+            device, model.identity, lambda: load_model(model.path, model.ref).to(device)
+        ) as lm:
+            manifest = extract_topk(
+                lm,
+                tokenizer_of(model),
+                texts,
+                folder / "store",
+                top_k=e.top_k,
+                batch_size=e.batch_size,
+                max_length=config.pieces.block_size,
+                shard_size=len(texts),
+                token_ce=e.token_ce,
+                progress=progress,
+            )
         return {
             "model": model.name,
             "shard": shard,
+            "device": device,
             "count": manifest["count"],
             "tokens": manifest["tokens"],
             "bytes": manifest["bytes"],

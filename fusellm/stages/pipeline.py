@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from fusellm.config import FusionConfig
 from fusellm.stages.base import Artifact, ModelFiles, Unit, run_units_in_pool
+from fusellm.stages.devices import DEVICES
 from fusellm.stages.evaluation import Results, compare_unit, evaluate_unit, primary_scores
 from fusellm.stages.extraction import extract_unit, store_unit
 from fusellm.stages.fusion import fuse_unit, fused_unit, vocab_unit
@@ -235,8 +236,15 @@ def extract(f: Fusion, ex: Executor) -> None:
     config = f.config
     shards = _shards(f)
     with ex.tracker.stage("extract", params=config.extraction.model_dump()):
-        units = [extract_unit(m, f.pieces, s, config) for m in f.models for s in shards]
-        done = ex.run_all(units)
+        units = [
+            extract_unit(m, f.pieces, s, config, place=i, models=len(f.models))
+            for i, m in enumerate(f.models)
+            for s in shards
+        ]
+        try:
+            done = ex.run_all(units)
+        finally:
+            DEVICES.release()  # the models extraction kept loaded: training needs the memory
         for i, model in enumerate(f.models):
             f.shards[model.identity] = done[i * len(shards) : (i + 1) * len(shards)]
             parts = f.shards[model.identity]
