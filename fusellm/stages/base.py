@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -80,22 +81,51 @@ def _finished(final: Path, stage: str, key: str) -> Artifact:
 
 
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:
-    """Return the finished folder for (stage, key), building it first if it does not exist."""
+    """Return the finished folder for (stage, key), building it first if it does not exist.
+
+    Built once, whoever asks: a build holds the key's lock (`_key_lock`), so a second run of the
+    same fusion, or a second thread, waits and then finds the folder finished. The build writes
+    into ``.<key>.partial``, renamed into place only when complete; an interrupted build's
+    partial folder is handed to the next build of the key, which resumes from it (training
+    resumes from its checkpoints there).
+    """
     final = stage_path(workdir, stage, key)
     if (final / STAGE_FILE).is_file():
         return _finished(final, stage, key)
-    partial = final.with_name(f".{key}.partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    info = build(partial) or {}
-    record = {"stage": stage, "key": key, "seconds": time.perf_counter() - started, "info": info}
-    write_json_atomic(partial / STAGE_FILE, record)
-    if final.exists():  # another process finished the same work first: keep theirs
-        shutil.rmtree(partial, ignore_errors=True)
-    else:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _key_lock(final.with_name(f".{key}.lock")):
+        if (final / STAGE_FILE).is_file():  # built by whoever held the lock before us
+            return _finished(final, stage, key)
+        partial = final.with_name(f".{key}.partial")
+        partial.mkdir(exist_ok=True)
+        started = time.perf_counter()
+        info = build(partial) or {}
+        record = {
+            "stage": stage,
+            "key": key,
+            "seconds": time.perf_counter() - started,
+            "info": info,
+        }
+        write_json_atomic(partial / STAGE_FILE, record)
+        if final.exists():  # a folder without its record is not a finished build
+            shutil.rmtree(final)
         os.replace(partial, final)
     log.info("%s %s built in %.1f s", stage, key, record["seconds"])
     return Artifact(stage, key, final, info)
+
+
+@contextmanager
+def _key_lock(path: Path):
+    """An exclusive lock on `path` between processes and threads (flock on a fresh descriptor),
+    released by the kernel if the holder dies, so a killed run never blocks the next one."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)
