@@ -152,15 +152,24 @@ def _text_of(record, field: str, where: str) -> str:
 
 
 def read_jsonl(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """One document per line; a line that is not UTF-8, not JSON, or nested beyond what the
+    parser can follow is an error naming the file and the line."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path} line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CorpusError(f"{where}: not UTF-8 at byte {err.start} of the line") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except ValueError as err:
-                raise CorpusError(f"{path} line {number}: invalid JSON ({err})") from None
-            yield _text_of(record, field, f"{path} line {number}")
+                raise CorpusError(f"{where}: invalid JSON ({err})") from None
+            except RecursionError:
+                raise CorpusError(f"{where}: JSON nested too deeply") from None
+            yield _text_of(record, field, where)
 
 
 def read_parquet(path: Path, field: str) -> Iterator[str]:

@@ -34,6 +34,12 @@ def read_yaml(path: str | Path, error: type[Exception], what: str):
     if not path.is_file():
         raise error(f"{path}: {what} file not found")
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not UTF-8 text (byte {err.start})") from None
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML ({err})") from None
+    except RecursionError:
+        raise error(f"{path}: nested too deeply to be a {what}") from None
