@@ -104,7 +104,19 @@ def test_demo_writes_the_report(demo_runs):
     out = root / "first"
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == report
-    assert set(report) == {"fused", "baseline", "sources", "primary_metric", "metrics"}
+    assert set(report) == {
+        "fused",
+        "baseline",
+        "sources",
+        "primary_metric",
+        "metrics",
+        "baseline_margin",
+        "protocol",
+    }
+    margin = (
+        report["metrics"]["baseline"]["bits_per_byte"] - report["metrics"]["fused"]["bits_per_byte"]
+    )
+    assert report["baseline_margin"]["bits_per_byte"] == pytest.approx(margin, abs=1e-6)
     assert report["fused"] == "fused" and report["baseline"] == "baseline"
     assert report["sources"] == SOURCES
     assert report["primary_metric"] == "bits_per_byte"
@@ -179,10 +191,38 @@ def test_report_verdict_and_markdown(tmp_path):
     worse = build_report("f", "b", ["s"], {"s": better, "b": row, "f": row})
     assert verdict(worse)["fused_wins"] is False
     assert "does NOT beat" in markdown(worse)
+    assert report["baseline_margin"]["bits_per_byte"] == pytest.approx(0.1)
+    assert "acc/mc" not in report["baseline_margin"]
+    sd = report["protocol"]["paired_difference"]["sd"]
+    assert report["protocol"]["margin_exceeds_two_sd"] is (0.1 > 2 * sd)
+    assert report["protocol"]["applies"] is None
+    assert "+0.1000 bits/byte better than the baseline" in markdown(report)
+    assert report["protocol"]["command"] in markdown(report)
     paths = write_report(report, tmp_path)
     assert json.loads(paths["json"].read_text()) == report
     with pytest.raises(ValueError, match="no task reports bits_per_byte"):
         model_metrics({"fusellm_local_mc": {"acc": 1.0}})
+
+
+def test_report_says_whether_the_recorded_spread_is_this_recipes():
+    from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE, DEFAULT_RECIPE_PROTOCOL
+    from fusellm.demo.report import build_report, markdown
+
+    row = {"bits_per_byte": 2.5, "bits_per_byte/docs": 2.5}
+    better = {k: v - 1e-6 for k, v in row.items()}
+    ours = build_report(
+        "f", "b", ["s"], {"s": row, "b": row, "f": better}, recipe=DEFAULT_DEMO_RECIPE
+    )
+    assert ours["protocol"]["applies"] is True
+    assert ours["protocol"]["margin_exceeds_two_sd"] is False  # 1e-6 is inside the noise
+    assert "does NOT exceed twice that sd" in markdown(ours)
+    other = DEFAULT_DEMO_RECIPE.model_copy(update={"steps": 3})
+    theirs = build_report("f", "b", ["s"], {"s": row, "b": row, "f": better}, recipe=other)
+    assert theirs["protocol"]["applies"] is False and "not its own" in markdown(theirs)
+    assert DEFAULT_RECIPE_PROTOCOL["recipe"] == DEFAULT_DEMO_RECIPE.model_dump()
+    assert len(DEFAULT_RECIPE_PROTOCOL["seeds"]) >= 3 and DEFAULT_RECIPE_PROTOCOL["part"] == "test"
+    diff = DEFAULT_RECIPE_PROTOCOL["difference"]
+    assert -diff["mean"] > 2 * diff["sd"] > 0  # the default recipe's recorded win
 
 
 def test_continuation_questions_are_deterministic():

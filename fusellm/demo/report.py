@@ -3,7 +3,17 @@
 `report.json` is the machine-readable record (what tests and the browser check read)::
 
     {"fused": name, "baseline": name, "sources": [names], "primary_metric": "bits_per_byte",
-     "metrics": {model name: {metric: value}}}
+     "metrics": {model name: {metric: value}},
+     "baseline_margin": {bits-per-byte metric: baseline - fused (positive: fused is better)},
+     "protocol": {what the quality protocol measured for the demo's default recipe}}
+
+A gain of a few thousandths of a bit per byte means nothing without its seed-to-seed spread,
+and one run cannot measure its own spread. So the report states this run's margin over the CLM
+baseline and, beside it, the spread the quality protocol recorded for the default recipe
+(`fusellm.demo.recipe.DEFAULT_RECIPE_PROTOCOL`: several seeds, test texts, the paired
+difference fused - baseline) with the command that reproduces it; it says whether this run's
+margin exceeds twice that paired standard deviation, and whether the run used that recipe
+(unknown when the caller does not pass it).
 
 Metric names: ``bits_per_byte`` is the mean over the held-out domains (the primary metric,
 lower is better), ``bits_per_byte/<domain>`` each domain, ``acc/<task>`` and ``acc_norm/<task>``
@@ -52,19 +62,59 @@ def model_metrics(task_metrics: dict[str, dict[str, float]]) -> dict[str, float]
 
 
 def build_report(
-    fused: str, baseline: str, sources: list[str], metrics: dict[str, dict[str, float]]
+    fused: str,
+    baseline: str,
+    sources: list[str],
+    metrics: dict[str, dict[str, float]],
+    *,
+    recipe=None,
 ) -> dict:
-    """The report.json mapping; fails naming any model whose metrics are missing."""
+    """The report.json mapping; fails naming any model whose metrics are missing.
+
+    `recipe` (a `DemoRecipe`, optional) is the recipe the run used: the report then says
+    whether the protocol's recorded spread belongs to it.
+    """
     missing = [m for m in [*sources, baseline, fused] if m not in metrics]
     if missing:
         raise ValueError(f"no metrics for {missing}; have {sorted(metrics)}")
     order = [*sources, baseline, fused]
+    margin = {
+        k: round(metrics[baseline][k] - v, DIGITS)
+        for k, v in sorted(metrics[fused].items())
+        if _lower_is_better(k) and k in metrics[baseline]
+    }
     return {
         "fused": fused,
         "baseline": baseline,
         "sources": list(sources),
         "primary_metric": PRIMARY,
         "metrics": {name: dict(sorted(metrics[name].items())) for name in order},
+        "baseline_margin": margin,
+        "protocol": protocol_record(margin.get(PRIMARY), recipe),
+    }
+
+
+def protocol_record(margin: float | None, recipe=None) -> dict:
+    """The spread the quality protocol recorded for the default recipe, and this run against it.
+
+    ``margin_exceeds_two_sd``: this run's mean margin over the baseline is above twice the
+    recorded paired standard deviation. ``applies``: the run used the recorded recipe (None:
+    not known). The recorded mean and sd are over seeds of the library walk scored with
+    `fusellm.demo.heldout` (the EOS charged); the demo scores with lm-eval (no EOS), whose
+    differences between two models agree to about 1e-3 bits per byte.
+    """
+    from fusellm.demo.recipe import DEFAULT_RECIPE_PROTOCOL as recorded
+
+    two_sd = 2 * recorded["difference"]["sd"]
+    applies = None if recipe is None else recipe.model_dump() == recorded["recipe"]
+    return {
+        "recipe": recorded["recipe"],
+        "applies": applies,
+        "seeds": recorded["seeds"],
+        "part": recorded["part"],
+        "command": recorded["command"],
+        "paired_difference": recorded["difference"],
+        "margin_exceeds_two_sd": None if margin is None else bool(margin > two_sd),
     }
 
 
@@ -111,11 +161,37 @@ def markdown(report: dict) -> str:
     return (
         "# FuseLLM demo: held-out results\n\n"
         f"Primary metric: mean held-out **{PRIMARY}** over the domains (lower is better). "
-        "`bits_per_byte/<domain>`: each domain's held-out text; `acc`: multiple choice "
+        "`bits_per_byte/<domain>`: each domain's held-out test text; `acc`: multiple choice "
         "(which line follows), higher is better.\n\n"
         + "\n".join(lines)
         + f"\n\nThe fused model {summary} every source and the CLM baseline on mean bits per "
-        f"byte (margin of each over the fused model: {margins}).\n"
+        f"byte (margin of each over the fused model: {margins}).\n" + _protocol_markdown(report)
+    )
+
+
+def _protocol_markdown(report: dict) -> str:
+    """This run's margin over the baseline, against the spread the protocol recorded."""
+    margin = report.get("baseline_margin", {}).get(PRIMARY)
+    record = report.get("protocol")
+    if margin is None or record is None:
+        return ""
+    diff = record["paired_difference"]
+    seeds = ", ".join(str(s) for s in record["seeds"])
+    applies = {
+        True: "This run used that recipe.",
+        False: "This run used another recipe: the recorded spread is not its own; run the "
+        "command with this recipe to measure it.",
+        None: "Whether this run used that recipe is not recorded.",
+    }[record["applies"]]
+    exceeds = "exceeds" if record["margin_exceeds_two_sd"] else "does NOT exceed"
+    return (
+        "\n## Fused vs the CLM baseline, and the noise\n\n"
+        f"This run: the fused model is {margin:+.4f} bits/byte better than the baseline on the "
+        "mean (positive = better). One run cannot measure its own spread. The quality protocol "
+        f"recorded for the default recipe, over seeds {seeds} on the {record['part']} texts, a "
+        f"paired difference fused - baseline of {diff['mean']:+.4f} ± {diff['sd']:.4f} (mean ± "
+        f"sd); this run's margin {exceeds} twice that sd ({2 * diff['sd']:.4f}). {applies}\n\n"
+        f"Reproduce the spread: `{record['command']}`\n"
     )
 
 

@@ -282,7 +282,9 @@ def run_demo(
     console.rule("[bold]5/5 report")
     results = flow_suite_results(summary["run_id"])
     metrics = {label: reporting.model_metrics(tasks) for label, tasks in results.items()}
-    report = reporting.build_report("fused", "baseline", config.source_names, metrics)
+    report = reporting.build_report(
+        "fused", "baseline", config.source_names, metrics, recipe=recipe
+    )
     paths = reporting.write_report(report, out)
     _print_end(console, report, paths, home)
     return report
