@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from fusellm.io.files import sha256_file, write_json_atomic, write_text_atomic
+from fusellm.io.files import CorruptFileError, sha256_file, write_json_atomic, write_text_atomic
 
 MANIFEST = "pieces.json"
 FORMAT = "fusellm-pieces-1"
@@ -27,6 +27,10 @@ FORMAT = "fusellm-pieces-1"
 
 class PiecesError(RuntimeError):
     """A pieces folder is missing, incomplete or corrupt; the message names the file."""
+
+
+class CorruptPiecesError(PiecesError, CorruptFileError):
+    """A pieces file is missing or does not match its manifest."""
 
 
 def shard_name(index: int) -> str:
@@ -94,11 +98,13 @@ def write_piece_shards(pieces: Iterable[str], folder: Path, shard_size: int) -> 
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise PiecesError(f"{path}: pieces manifest is missing (was the work folder cleaned?)")
+        raise CorruptPiecesError(
+            path, f"{path}: pieces manifest is missing (was the work folder cleaned?)"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise PiecesError(f"{path}: not valid JSON ({err})") from None
+        raise CorruptPiecesError(path, f"{path}: not valid JSON ({err})") from None
     if manifest.get("format") != FORMAT:
         raise PiecesError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
@@ -113,12 +119,16 @@ def read_piece_shard(folder: Path, index: int) -> list[str]:
     entry = shards[index]
     path = Path(folder) / entry["file"]
     if not path.is_file():
-        raise PiecesError(f"{path}: pieces shard is missing")
+        raise CorruptPiecesError(path, f"{path}: pieces shard is missing")
     if sha256_file(path) != entry["sha256"]:
-        raise PiecesError(f"{path}: checksum mismatch (the file was changed or truncated)")
+        raise CorruptPiecesError(
+            path, f"{path}: checksum mismatch (the file was changed or truncated)"
+        )
     texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
     if len(texts) != entry["count"]:
-        raise PiecesError(f"{path}: {len(texts)} pieces, the manifest says {entry['count']}")
+        raise CorruptPiecesError(
+            path, f"{path}: {len(texts)} pieces, the manifest says {entry['count']}"
+        )
     return texts
 
 

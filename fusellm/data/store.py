@@ -44,7 +44,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fusellm.io.files import sha256_file, write_json_atomic
+from fusellm.io.files import CorruptFileError, sha256_file, write_json_atomic
 
 FORMAT = "fusellm-topk"
 VERSION = 1
@@ -56,6 +56,10 @@ MASS_LEVELS = {"ge_50": 0.5, "ge_90": 0.9, "ge_99": 0.99}  # top-k mass shares i
 
 class StoreError(RuntimeError):
     """A store on disk is missing, incomplete, corrupted or incompatible."""
+
+
+class CorruptStoreError(StoreError, CorruptFileError):
+    """A file of a complete store is missing or does not match its manifest."""
 
 
 @dataclass
@@ -147,9 +151,7 @@ class TopkWriter:
     resume: a store made by another model or tokenizer is never silently extended.
     """
 
-    def __init__(
-        self, out_dir, *, top_k: int, vocab_size: int, meta: dict, shard_size: int = 1024
-    ):
+    def __init__(self, out_dir, *, top_k: int, vocab_size: int, meta: dict, shard_size: int = 1024):
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
         if shard_size < 1:
@@ -187,7 +189,11 @@ class TopkWriter:
         kept = []
         for index, shard in enumerate(old["shards"]):  # keep the valid prefix
             file = self.dir / shard["file"]
-            if shard["index"] != index or not file.exists() or file.stat().st_size != shard["bytes"]:
+            if (
+                shard["index"] != index
+                or not file.exists()
+                or file.stat().st_size != shard["bytes"]
+            ):
                 break
             kept.append(shard)
         self.manifest["shards"] = kept
@@ -205,7 +211,11 @@ class TopkWriter:
         return len(self.manifest["shards"])
 
     def write_shard(
-        self, records: Sequence[TopkRecord], *, source_sha256: str | None = None, stats: dict | None = None
+        self,
+        records: Sequence[TopkRecord],
+        *,
+        source_sha256: str | None = None,
+        stats: dict | None = None,
     ) -> dict:
         """Write the next shard; `source_sha256` identifies its inputs, `stats` is kept with it."""
         index = self.done_shards
@@ -250,7 +260,9 @@ def write_topk(
     shard_size: int = 1024,
 ) -> dict:
     """Write a whole store from records; returns the manifest."""
-    writer = TopkWriter(out_dir, top_k=top_k, vocab_size=vocab_size, meta=meta, shard_size=shard_size)
+    writer = TopkWriter(
+        out_dir, top_k=top_k, vocab_size=vocab_size, meta=meta, shard_size=shard_size
+    )
     if writer.done_shards:
         raise StoreError(f"{writer.dir} already holds a store; write_topk needs an empty folder")
     batch: list[TopkRecord] = []
@@ -271,15 +283,21 @@ class TopkStore:
         self.dir = Path(path)
         manifest_path = self.dir / MANIFEST
         if not manifest_path.exists():
-            raise StoreError(f"{manifest_path}: no top-k store here (manifest.json is missing)")
+            raise CorruptStoreError(
+                manifest_path, f"{manifest_path}: no top-k store here (manifest.json is missing)"
+            )
         try:
             self.manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as err:
-            raise StoreError(f"{manifest_path}: not valid JSON ({err})") from err
+            raise CorruptStoreError(
+                manifest_path, f"{manifest_path}: not valid JSON ({err})"
+            ) from err
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise StoreError(f"{manifest_path}: not a {FORMAT} v{VERSION} store")
         if not self.manifest.get("complete"):
-            raise StoreError(f"{manifest_path}: the store is incomplete (its writer was interrupted)")
+            raise StoreError(
+                f"{manifest_path}: the store is incomplete (its writer was interrupted)"
+            )
         self.verify = verify
         self._starts = np.array([s["first"] for s in self.manifest["shards"]], dtype=np.int64)
         self._open: dict[int, dict] = {}
@@ -304,19 +322,22 @@ class TopkStore:
             entry = self.manifest["shards"][index]
             path = self.dir / entry["file"]
             if not path.exists():
-                raise StoreError(f"{path}: shard file is missing")
+                raise CorruptStoreError(path, f"{path}: shard file is missing")
             if path.stat().st_size != entry["bytes"]:
-                raise StoreError(
+                raise CorruptStoreError(
+                    path,
                     f"{path}: size {path.stat().st_size} != {entry['bytes']} in the manifest "
-                    "(truncated or overwritten)"
+                    "(truncated or overwritten)",
                 )
             if self.verify and sha256_file(path) != entry["sha256"]:
-                raise StoreError(f"{path}: sha256 does not match the manifest (corrupted shard)")
+                raise CorruptStoreError(
+                    path, f"{path}: sha256 does not match the manifest (corrupted shard)"
+                )
             try:
                 with safe_open(str(path), framework="numpy") as f:
                     arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
             except Exception as err:  # safetensors raises several types on damaged headers
-                raise StoreError(f"{path}: unreadable shard ({err})") from err
+                raise CorruptStoreError(path, f"{path}: unreadable shard ({err})") from err
             if len(self._open) >= 4:  # keep memory bounded when streaming a large store
                 self._open.pop(next(iter(self._open)))
             self._open[index] = arrays

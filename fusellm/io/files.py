@@ -13,6 +13,18 @@ import tempfile
 from pathlib import Path
 
 
+class CorruptFileError(RuntimeError):
+    """A stored file is missing, truncated or changed since it was written (`path`).
+
+    Raised by the readers that verify what they read (top-k stores, pieces); the stage runner
+    moves the stage folder holding `path` aside, so that the next run recomputes it.
+    """
+
+    def __init__(self, path: str | os.PathLike, message: str):
+        super().__init__(message)
+        self.path = Path(path)
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` beside `path` and rename it into place (folders created)."""
     path = Path(path)

@@ -80,6 +80,78 @@ def _finished(final: Path, stage: str, key: str) -> Artifact:
     return Artifact(stage, key, final, info, reused=True)
 
 
+HASHED_UP_TO = 1 << 20  # files this small are hashed in the stage record, larger ones sized
+
+
+def file_record(folder: Path) -> dict[str, dict]:
+    """Every file of a built folder: its size, and its sha256 when small (maps, tables, JSON).
+
+    Large files (store shards, weights) get their size only: hashing them on every reuse would
+    cost minutes at the paper's scale, and their readers verify their own checksums on read.
+    """
+    from fusellm.io.files import sha256_file
+
+    out = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != STAGE_FILE):
+        size = path.stat().st_size
+        entry = {"size": size}
+        if size <= HASHED_UP_TO:
+            entry["sha256"] = sha256_file(path)
+        out[str(path.relative_to(folder))] = entry
+    return out
+
+
+def damage(final: Path) -> str | None:
+    """What no longer matches the stage record's files (missing, resized, changed), or None."""
+    from fusellm.io.files import sha256_file
+
+    record = json.loads((final / STAGE_FILE).read_text()).get("files")
+    if record is None:  # written before files were recorded
+        return None
+    for name, entry in record.items():
+        path = final / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{path} has {path.stat().st_size} bytes, {entry['size']} when built"
+        if "sha256" in entry and sha256_file(path) != entry["sha256"]:
+            return f"{path} changed since it was built (sha256)"
+    return None
+
+
+def quarantine(final: Path) -> Path:
+    """Move a damaged stage folder aside (``.<key>.corrupt``), out of every later run's way."""
+    aside = final.with_name(f".{final.name}.corrupt")
+    if aside.exists():
+        shutil.rmtree(aside)
+    os.replace(final, aside)
+    return aside
+
+
+def _corrupt_cause(err: BaseException):
+    """The `CorruptFileError` behind an error, if any (following the exception chain)."""
+    from fusellm.io.files import CorruptFileError
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, CorruptFileError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _stage_folder_of(path: Path, workdir: Path) -> Path | None:
+    """The finished stage folder (<workdir>/<stage>/<key>) that holds `path`, if any."""
+    try:
+        parts = Path(path).resolve().relative_to(Path(workdir).resolve()).parts
+    except ValueError:
+        return None
+    if len(parts) < 3:
+        return None
+    folder = Path(workdir) / parts[0] / parts[1]
+    return folder if (folder / STAGE_FILE).is_file() else None
+
+
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:
     """Return the finished folder for (stage, key), building it first if it does not exist.
 
@@ -90,21 +162,31 @@ def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dic
     resumes from its checkpoints there).
     """
     final = stage_path(workdir, stage, key)
-    if (final / STAGE_FILE).is_file():
+    if (final / STAGE_FILE).is_file() and not damage(final):
         return _finished(final, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
     with _key_lock(final.with_name(f".{key}.lock")):
         if (final / STAGE_FILE).is_file():  # built by whoever held the lock before us
-            return _finished(final, stage, key)
+            problem = damage(final)
+            if problem is None:
+                return _finished(final, stage, key)
+            log.warning(
+                "%s %s: %s; rebuilding it (old folder: %s)", stage, key, problem, quarantine(final)
+            )
         partial = final.with_name(f".{key}.partial")
         partial.mkdir(exist_ok=True)
         started = time.perf_counter()
-        info = build(partial) or {}
+        try:
+            info = build(partial) or {}
+        except Exception as err:
+            _set_aside_what_is_corrupt(err, workdir)
+            raise
         record = {
             "stage": stage,
             "key": key,
             "seconds": time.perf_counter() - started,
             "info": info,
+            "files": file_record(partial),
         }
         write_json_atomic(partial / STAGE_FILE, record)
         if final.exists():  # a folder without its record is not a finished build
@@ -112,6 +194,45 @@ def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dic
         os.replace(partial, final)
     log.info("%s %s built in %.1f s", stage, key, record["seconds"])
     return Artifact(stage, key, final, info)
+
+
+def _set_aside_what_is_corrupt(err: Exception, workdir: Path) -> None:
+    """When a build failed reading a damaged file of another stage folder, move that folder
+    aside, and every finished folder holding a hard link to the same file (merged stores link
+    their shards), and say so in the error: the next run recomputes them, and only them."""
+    cause = _corrupt_cause(err)
+    folder = None if cause is None else _stage_folder_of(cause.path, workdir)
+    if folder is None:
+        return
+    folders = [folder, *_folders_linking(cause.path, workdir, besides=folder)]
+    moved = [f"{f} (now {quarantine(f).name})" for f in folders]
+    note = f"moved aside: {', '.join(moved)}; run again to recompute them"
+    err.add_note(note)
+    log.error("%s: %s", cause.path, note)
+
+
+def _folders_linking(path: Path, workdir: Path, *, besides: Path) -> list[Path]:
+    """Other finished stage folders with a hard link to the file at `path`."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return []
+    if stat.st_nlink < 2:
+        return []
+    found = set()
+    for record in Path(workdir).glob(f"*/*/{STAGE_FILE}"):
+        folder = record.parent
+        if folder == besides or folder.name.startswith("."):
+            continue
+        for file in folder.rglob("*"):
+            try:
+                other = file.stat()
+            except OSError:
+                continue
+            if (other.st_ino, other.st_dev) == (stat.st_ino, stat.st_dev):
+                found.add(folder)
+                break
+    return sorted(found)
 
 
 @contextmanager

@@ -100,7 +100,7 @@ def read_shard(pieces: Artifact, shard: int) -> list[str]:
     try:
         return read_piece_shard(pieces.path, shard)
     except PiecesError as err:
-        raise StageError(str(err)) from None
+        raise StageError(str(err)) from err  # the cause says which folder is corrupt
 
 
 def shard_count(pieces: Artifact) -> int | None:
