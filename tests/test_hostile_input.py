@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -55,8 +56,10 @@ VALUES = st.recursive(
     ),
     max_leaves=25,
 )
-FUZZ = settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+FUZZ = settings(  # benchmarks/fault_injection.py --fuzz N runs N examples of each
+    max_examples=int(os.environ.get("FUSELLM_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 

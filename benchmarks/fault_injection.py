@@ -1,0 +1,170 @@
+"""Fault injection at larger counts than the test suite runs (tests/test_kill_recover.py,
+tests/test_hostile_input.py): kill-and-recover, damaged artifacts, fuzzed input.
+
+    .venv/bin/python benchmarks/fault_injection.py --kills 100      # ~40 s a kill on 2 cores
+    .venv/bin/python benchmarks/fault_injection.py --corrupt 50
+    .venv/bin/python benchmarks/fault_injection.py --fuzz 5000
+
+Kills: a tiny fusion (walked to training in its own process, `fusellm.testing.faults`) is
+SIGKILLed, process group and all, at a uniformly random moment of its run, then run again to
+the end; it passes when its fused data and trained weights equal those of an uninterrupted run
+and no half-built folder or temporary file is left. Corrupt: a copy of the finished fusion has
+one random file of a random stage folder flipped, truncated or deleted, and is run again (up to
+twice: a damage found by a reader moves the folder aside and fails the run naming the file);
+same check. Fuzz: the hostile-input tests with N examples each. Each mode prints one line
+``N passed, M failed`` (and the failures above it); the last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, emit
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+
+from fusellm.testing.faults import (
+    damage_one,
+    finished_stages,
+    leftovers,
+    outputs,
+    run_walk,
+)
+
+
+def write_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
+    data = fusion_dict(models, str(corpus), root / name, "unused")
+    data["extraction"]["shard_size"] = 6
+    data["training"].update(max_steps=24, checkpoint_every=4)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def prepare(root: Path) -> dict:
+    texts = corpus_texts(8)
+    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
+    corpus = write_corpus(root / "corpus", texts)
+    config = write_config(root, models, corpus, "reference")
+    started = time.monotonic()
+    if run_walk(config, root / "reference.log") != 0:
+        raise SystemExit(f"the uninterrupted run failed: {root / 'reference.log'}")
+    return {"models": models, "corpus": corpus, "expected": outputs(root / "reference"),
+            "seconds": time.monotonic() - started}
+
+
+def verdict(work: Path, expected: dict) -> str | None:
+    if outputs(work) != expected:
+        return "outputs differ from the uninterrupted run"
+    left = leftovers(work)
+    return f"left behind: {left[:3]}" if left else None
+
+
+def kills(root: Path, ref: dict, n: int, seed: int) -> dict:
+    rng, passed, failed, reached = random.Random(seed), 0, [], []
+    for i in range(n):
+        name = f"kill-{i}"
+        config = write_config(root, ref["models"], ref["corpus"], name)
+        log = root / f"{name}.log"
+        at = rng.uniform(0.5, ref["seconds"])
+        killed = run_walk(config, log, kill_after=at) is None
+        stages = finished_stages(root / name)
+        problem = None if run_walk(config, log) == 0 else f"the re-run failed ({log})"
+        problem = problem or verdict(root / name, ref["expected"])
+        if problem:
+            failed.append(f"kill {i} at {at:.1f} s (killed: {killed}, done: {stages}): {problem}")
+            print(failed[-1], flush=True)
+        else:
+            passed += 1
+            shutil.rmtree(root / name)
+        reached.append({"at": round(at, 2), "killed": killed, "finished": stages})
+    return {"passed": passed, "failed": failed, "kills": reached}
+
+
+def corruptions(root: Path, ref: dict, n: int, seed: int) -> dict:
+    rng, passed, failed, done = random.Random(seed), 0, [], []
+    for i in range(n):
+        name = f"damaged-{i}"
+        shutil.copytree(root / "reference", root / name)
+        config = write_config(root, ref["models"], ref["corpus"], name)
+        what = damage_one(root / name, rng)
+        log = root / f"{name}.log"
+        runs = [run_walk(config, log)]
+        if runs[-1] != 0:  # found by a reader: the folder was moved aside, run again
+            runs.append(run_walk(config, log))
+        problem = None if runs[-1] == 0 else f"the re-runs failed ({log})"
+        problem = problem or verdict(root / name, ref["expected"])
+        if problem:
+            failed.append(f"{what}: {problem}")
+            print(failed[-1], flush=True)
+        else:
+            passed += 1
+            shutil.rmtree(root / name)
+        done.append({"damage": what, "runs": len(runs)})
+    return {"passed": passed, "failed": failed, "damages": done}
+
+
+def fuzz(n: int) -> dict:
+    env = {**os.environ, "FUSELLM_FUZZ_EXAMPLES": str(n)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(ROOT / "tests" / "test_hostile_input.py")],
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+    )
+    tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error)", tail)}
+    if proc.returncode and not counts.get("failed"):
+        counts["failed"] = 1  # pytest itself failed (collection, an error): count it
+    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
+            "pytest": tail, "examples_each": n}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=0)
+    parser.add_argument("--corrupt", type=int, default=0)
+    parser.add_argument("--fuzz", type=int, default=0, help="examples per fuzzed test")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp one)")
+    args = parser.parse_args(argv)
+    if not (args.kills or args.corrupt or args.fuzz):
+        parser.error("give --kills N, --corrupt N and/or --fuzz N")
+    root = args.out or Path(tempfile.mkdtemp(prefix="fusellm-faults-"))
+    root.mkdir(parents=True, exist_ok=True)
+    result: dict = {"bench": "fault-injection", "seed": args.seed}
+    started = time.monotonic()
+    if args.kills or args.corrupt:
+        ref = prepare(root)
+        result["uninterrupted_seconds"] = round(ref["seconds"], 1)
+        if args.kills:
+            r = kills(root, ref, args.kills, args.seed)
+            print(f"kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
+            result["kills"] = r
+        if args.corrupt:
+            r = corruptions(root, ref, args.corrupt, args.seed)
+            print(f"corruption: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
+            result["corruption"] = r
+    if args.fuzz:
+        r = fuzz(args.fuzz)
+        print(f"fuzzing: {r['passed']} passed, {r['failed']} failed (the hostile-input tests, "
+              f"{args.fuzz} examples each)", flush=True)
+        result["fuzz"] = r
+    result["seconds"] = round(time.monotonic() - started, 1)
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

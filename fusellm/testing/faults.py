@@ -1,0 +1,96 @@
+"""Fault injection for the reliability tests and `benchmarks/fault_injection.py`.
+
+A fusion is walked (library executor, up to training) in a process of its own, which can be
+killed with SIGKILL, process group and all, at any moment; its artifacts can be damaged on
+disk. Recovery is judged on what a fusion is for: the fused data and the trained weights must
+equal those of a run that was never interrupted, and no half-built folder or temporary file
+may be left behind.
+
+    python -m fusellm.testing.faults CONFIG.json      # the walk itself
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+OUTPUTS = ("fused/[!.]*/store/*.safetensors", "train/[!.]*/model/*.safetensors")
+
+
+def run_walk(config: Path, log: Path, kill_after: float | None = None) -> int | None:
+    """Exit code of a walk of `config`, or None when it was killed after `kill_after` s."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fusellm.testing.faults", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill takes its children too
+        )
+        try:
+            return proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return None
+
+
+def outputs(work: Path) -> dict[str, str]:
+    """sha256 of the fused store's data files and of each trained model's weights."""
+    out = {}
+    for pattern in OUTPUTS:
+        for path in sorted(Path(work).glob(pattern)):
+            out[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def leftovers(work: Path) -> list[Path]:
+    """Half-built stage folders and temporary files: none may survive a finished run."""
+    work = Path(work)
+    partial = [p for p in work.glob("*/.*.partial")]
+    temporary = [p for p in work.rglob("*.tmp")]
+    return sorted(partial + temporary)
+
+
+def finished_stages(work: Path) -> list[str]:
+    """The stages with at least one finished folder: how far a killed run had come."""
+    return sorted({p.parent.parent.name for p in Path(work).glob("*/[!.]*/stage.json")})
+
+
+def damage_one(work: Path, rng: random.Random) -> str:
+    """Flip a byte in, truncate, or delete one file of a finished stage folder; says which."""
+    folders = [record.parent for record in Path(work).glob("*/[!.]*/stage.json")]
+    files = sorted(
+        p
+        for folder in folders
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != "stage.json" and p.stat().st_size > 0
+    )
+    victim = rng.choice(files)
+    how = rng.choice(["flip", "truncate", "delete"])
+    if how == "flip":
+        data = bytearray(victim.read_bytes())
+        data[rng.randrange(len(data))] ^= 0xFF
+        victim.write_bytes(bytes(data))
+    elif how == "truncate":
+        victim.write_bytes(victim.read_bytes()[: rng.randrange(len(victim.read_bytes()))])
+    else:
+        victim.unlink()
+    return f"{how} {victim.relative_to(work)}"
+
+
+def _walk(config_path: str) -> None:
+    from fusellm.config import parse_fusion_config
+    from fusellm.stages.pipeline import Executor, walk
+
+    config = parse_fusion_config(json.loads(Path(config_path).read_text()))
+    walk(config, Executor(), until="train")
+
+
+if __name__ == "__main__":
+    _walk(sys.argv[1])
