@@ -1,7 +1,6 @@
 """One stage of one fusion, measured in a process of its own (run by bench_scale.py).
 
     python benchmarks/_scale_child.py CONFIG.json STAGE
-    python benchmarks/_scale_child.py CONFIG.json pieces-share
 
 A fresh process per stage, so that each stage's peak memory is its own: the process walks the
 real pipeline up to the stage before (those folders exist, so nothing is rebuilt), resets the
@@ -18,8 +17,7 @@ back. Memory is reported three ways, so the ~0.5 GB of imports cannot hide growt
 
 CPU time (this process's threads and its reaped children) is reported beside wall time: on a
 shared machine it is the steadier measure of work, and per core-second it is what the projection
-scales. `pieces-share` profiles cutting the corpus into pieces (run it with one Rayon thread) and
-reports which share of the time is the Rust batch tokenizer, the part that can use many cores.
+scales.
 
 The last line of stdout is `RESULT {json}`.
 """
@@ -194,36 +192,12 @@ def measure(config_path: str, stage: str) -> dict:
     }
 
 
-def tokenizer_share(config_path: str) -> dict:
-    """Share of cutting the corpus spent in the Rust batch tokenizer (cProfile's own time)."""
-    import cProfile
-    import pstats
-
-    from fusellm.config import parse_fusion_config
-    from fusellm.data.pieces import iter_pieces
-    from fusellm.io.corpus import iter_documents
-    from fusellm.io.sources import load_tokenizer
-
-    config = parse_fusion_config(json.loads(Path(config_path).read_text()))
-    refs = [config.target, *config.sources]
-    tokenizers = [load_tokenizer(r.parsed.path, r) for r in refs]
-    docs = list(iter_documents(config.corpus))
-    block, margin = config.pieces.block_size, config.pieces.margin
-    profile = cProfile.Profile()
-    profile.runcall(lambda: sum(1 for _ in iter_pieces(docs, tokenizers, block, margin,
-                                                       progress=False)))
-    stats = pstats.Stats(profile).stats
-    total = sum(tt for (_, _, tt, _, _) in stats.values())
-    batch = sum(tt for (_, _, name), (_, _, tt, _, _) in stats.items() if "encode_batch" in name)
-    return {"tokenizer_share": batch / total, "profiled_seconds": total}
-
-
 def main() -> None:
     config_path, stage = sys.argv[1:3]
-    if stage not in PREVIOUS and stage != "pieces-share":
+    if stage not in PREVIOUS:
         raise SystemExit(f"unknown stage {stage!r}; expected one of {', '.join(PREVIOUS)}")
     preload()
-    result = tokenizer_share(config_path) if stage == "pieces-share" else measure(config_path, stage)
+    result = measure(config_path, stage)
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -10,8 +10,8 @@ Every stage runs through the real pipeline (`fusellm.stages.pipeline.walk`, libr
 each in a fresh process (`_scale_child.py`): it walks up to the stage before (those folders
 exist), then runs the stage and reports wall time, CPU time and peak RSS, both for the whole
 process and above the RSS the stage started from. Align-and-fuse runs with one worker (in the
-process, so its memory is measured there), then again at the largest size with one and with two
-worker processes for the parallel speedup. Throughput counts:
+process, so its memory is measured there), and so do pieces; then both run again at the largest
+size with one and with two worker processes for their parallel speedups. Throughput counts:
 
     pieces, vocab, align_fuse   target tokens of the corpus (vocab maps do not read the corpus)
     extract                     tokens of all three models
@@ -24,11 +24,11 @@ being spread. The projection to MiniPile is in `_scale_project.py` and docs/scal
     .venv/bin/python benchmarks/bench_scale.py                  # ~13 min on 2 busy cores
     .venv/bin/python benchmarks/bench_scale.py --quick          # 0.1 / 0.4 / 1.6 MB, ~5 min
     .venv/bin/python benchmarks/bench_scale.py --sizes 1 4 --base-bytes 200000 --keep
-    .venv/bin/python benchmarks/bench_scale.py --fuse-only --fuse-repeats 3   # after --keep
+    .venv/bin/python benchmarks/bench_scale.py --parallel-only --repeats 3   # after --keep
 
 The last line of output is one JSON object: per stage `throughput_ratio_16x` (throughput at the
-largest size over the smallest) and `rss_ratio_16x` (peak RSS, same), the align-and-fuse
-speedup with 2 workers over 1, the projection, and which acceptance figures hold.
+largest size over the smallest) and `rss_ratio_16x` (peak RSS, same), the pieces and
+align-and-fuse speedups with 2 workers over 1, the projection, and which acceptance figures hold.
 """
 
 from __future__ import annotations
@@ -124,30 +124,49 @@ def measure_size(inputs: dict, size: int, args) -> dict:
     return results
 
 
-def fuse_parallel(inputs: dict, size: int, workers: int, repeats: int, args) -> dict:
-    """Fuse units' wall time with 1 and with `workers` processes, paired, fuse folders
-    removed before each run; the speedup is the median of the pairs' ratios."""
+# What a parallel comparison removes before each run, and the seconds it compares.
+PARALLEL = {
+    "pieces": (("pieces",), lambda r: r["units"]["pieces"]),
+    "align_fuse": (("fuse", "fused"), lambda r: r["units"]["fuse"]),
+}
+
+
+def parallel_speedup(inputs: dict, size: int, stage: str, workers: int, repeats: int,
+                     args) -> dict:
+    """The stage's wall time with 1 and with `workers` processes (`pieces.workers`,
+    `fusion.workers`), paired, its folders removed before each run; the speedup is the median
+    of the pairs' ratios. Rebuilt folders are the same (same keys, same content)."""
     work = inputs["out"] / "work" / f"{size}x"
     logs = inputs["out"] / "logs"
+    folders, seconds_of = PARALLEL[stage]
     runs = {1: [], workers: []}
     for rep in range(repeats):
         for w in (1, workers):
-            for stage in ("fuse", "fused"):
-                shutil.rmtree(work / stage, ignore_errors=True)
+            for folder in folders:
+                shutil.rmtree(work / folder, ignore_errors=True)
             config = write_config(inputs["out"] / f"config-{size}x-w{w}.json", inputs, size,
                                   workers=w, shard_size=args.shard_size)
-            result = run_child(config, "align_fuse", logs / f"{size}x-fuse-w{w}-{rep}.log")
+            result = run_child(config, stage, logs / f"{size}x-{stage}-w{w}-{rep}.log")
             runs[w].append(result)
-            print(f"  {size:>3}x fuse, {w} worker(s): {result['units']['fuse']:.1f} s",
+            print(f"  {size:>3}x {stage}, {w} worker(s): {seconds_of(result):.1f} s",
                   file=sys.stderr)
-    pairs = [a["units"]["fuse"] / b["units"]["fuse"] for a, b in zip(runs[1], runs[workers])]
+    pairs = [seconds_of(a) / seconds_of(b) for a, b in zip(runs[1], runs[workers])]
     return {
+        "stage": stage,
         "workers": workers,
         "speedup": statistics.median(pairs),
         "pairs": [round(p, 3) for p in pairs],
-        "fuse_seconds": {str(w): [round(r["units"]["fuse"], 2) for r in rs] for w, rs in runs.items()},
+        "seconds": {str(w): [round(seconds_of(r), 2) for r in rs] for w, rs in runs.items()},
         "worker_peak_mb": max(r["workers_mb"] for r in runs[workers]),
         "cpu_seconds": {str(w): [round(r["cpu_seconds"], 2) for r in rs] for w, rs in runs.items()},
+    }
+
+
+def parallel_runs(inputs: dict, size: int, args) -> dict:
+    """Both parallel stages, 1 worker against `--workers`, at the largest size."""
+    return {
+        stage: parallel_speedup(inputs, size, stage, args.workers, args.fuse_repeats, args)
+        for stage in PARALLEL
     }
 
 
@@ -215,14 +234,13 @@ def ratios(rows: list[dict], small: int, large: int) -> dict:
     return out
 
 
-def projection_rates(rows: list[dict], inputs: dict, large: int, share: float, maps: list) -> dict:
+def projection_rates(rows: list[dict], inputs: dict, large: int, maps: list) -> dict:
     """Per core-second rates at the largest size, the inputs of `_scale_project.project`."""
     at = {(r["size"], r["stage"]): r for r in rows}
     pieces, fuse = at[(large, "pieces")], at[(large, "align_fuse")]
     text = inputs["corpora"][large]["bytes"]
     return {
         "pieces_bytes_per_cpu_s": text / pieces["cpu_seconds"],
-        "pieces_tokenizer_share": share,
         "fuse_tokens_per_cpu_s": fuse["tokens"] / fuse["cpu_seconds"],
         "fuse_bytes_per_cpu_s": text / fuse["cpu_seconds"],
         "vocab_map_seconds": [round(s, 2) for s in maps],
@@ -270,10 +288,10 @@ def print_tables(rows: list[dict], stages: dict, n: int, proj: dict, parallel: d
             f"throughput_ratio_{n}x", f"cpu_throughput_ratio_{n}x", f"rss_ratio_{n}x",
             f"rss_above_start_ratio_{n}x")))
     console.print(summary)
-    if parallel:
+    for stage, run in (parallel or {}).items():
         console.print(
-            f"align-and-fuse, {parallel['workers']} workers vs 1: {parallel['speedup']:.2f}x "
-            f"(fuse seconds {parallel['fuse_seconds']}, worker peak {parallel['worker_peak_mb']:.0f} MB)"
+            f"{stage}, {run['workers']} workers vs 1: {run['speedup']:.2f}x "
+            f"(seconds {run['seconds']}, worker peak {run['worker_peak_mb']:.0f} MB)"
         )
     proj_table = Table(title="Projected wall time for MiniPile (64 cores, 8 x H100 at 40 % MFU)")
     proj_table.add_column("stage")
@@ -293,12 +311,14 @@ def parse_args(argv):
     parser.add_argument("--base-bytes", type=int, default=500_000, help="text of the 1x corpus")
     parser.add_argument("--quick", action="store_true", help="base 100 kB: a fast, noisier run")
     parser.add_argument("--shard-size", type=int, default=256, help="extraction.shard_size")
-    parser.add_argument("--workers", type=int, default=2, help="align-and-fuse workers to compare")
-    parser.add_argument("--fuse-repeats", type=int, default=2, help="paired 1 / N worker runs")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="pieces and align-and-fuse workers to compare with one")
+    parser.add_argument("--repeats", dest="fuse_repeats", type=int, default=2,
+                        help="paired 1 / N worker runs of each")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "fusellm-bench-scale")
     parser.add_argument("--keep", action="store_true", help="keep the stage folders")
-    parser.add_argument("--fuse-only", action="store_true",
-                        help="only the 1 / N worker comparison, on the largest size's folders "
+    parser.add_argument("--parallel-only", action="store_true",
+                        help="only the 1 / N worker comparisons, on the largest size's folders "
                         "kept by an earlier --keep run (e.g. again on a quieter machine)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -309,25 +329,33 @@ def parse_args(argv):
     return args
 
 
-def fuse_only(args) -> dict:
-    """The parallel comparison alone, on stage folders an earlier `--keep` run left."""
+def parallel_only(args) -> dict:
+    """The parallel comparisons alone, on stage folders an earlier `--keep` run left."""
     large = args.sizes[-1]
     if not (args.out / "work" / f"{large}x" / "extract").is_dir():
         raise SystemExit(f"no kept stage folders in {args.out / 'work' / f'{large}x'}; "
                          "run once with --keep first")
     inputs = prepare_inputs(args.out, [large], args.base_bytes)
-    parallel = fuse_parallel(inputs, large, args.workers, args.fuse_repeats, args)
-    result = {"bench": "scale-fuse", "size": large, f"fuse_parallel_speedup_{args.workers}":
-              round(parallel["speedup"], 3), "fuse_parallel": parallel,
-              "load_average": [round(x, 2) for x in os.getloadavg()]}
+    parallel = parallel_runs(inputs, large, args)
+    result = {"bench": "scale-parallel", "size": large, **speedups(parallel, args.workers),
+              "parallel": parallel, "load_average": [round(x, 2) for x in os.getloadavg()]}
     emit(result)
     return result
 
 
+def speedups(parallel: dict | None, workers: int) -> dict:
+    """The headline figures: each parallel stage's speedup with `workers` over one."""
+    names = {"align_fuse": "fuse", "pieces": "pieces"}
+    return {
+        f"{names[stage]}_parallel_speedup_{workers}": round(run["speedup"], 3)
+        for stage, run in (parallel or {}).items()
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.fuse_only:
-        return fuse_only(args)
+    if args.parallel_only:
+        return parallel_only(args)
     started = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     inputs = prepare_inputs(args.out, args.sizes, args.base_bytes)
@@ -338,30 +366,26 @@ def main(argv: list[str] | None = None) -> dict:
         measured[size] = measure_size(inputs, size, args)
         if size != large and not args.keep:
             shutil.rmtree(args.out / "work" / f"{size}x", ignore_errors=True)
-    parallel = None
-    if args.workers > 1:
-        parallel = fuse_parallel(inputs, large, args.workers, args.fuse_repeats, args)
-    share = run_child(args.out / f"config-{small}x.json", "pieces-share",
-                      args.out / "logs" / "pieces-share.log", env={"RAYON_NUM_THREADS": "1"})
+    parallel = parallel_runs(inputs, large, args) if args.workers > 1 else None
     if not args.keep:
         shutil.rmtree(args.out / "work", ignore_errors=True)
     rows = rows_of(measured, inputs, heldout_tokens(inputs))
     n = large // small
     stages = ratios(rows, small, large)
     proj = projection.project(
-        projection_rates(rows, inputs, large, share["tokenizer_share"], maps)
+        projection_rates(rows, inputs, large, maps)
     )
     print_tables(rows, stages, n, proj, parallel)
-    speedup = None if parallel is None else round(parallel["speedup"], 3)
+    headline = speedups(parallel, args.workers)
     result = {
         "bench": "scale",
         "sizes": args.sizes,
         "corpus": corpus_summary(measured, inputs),
         "stages": stages,
-        f"fuse_parallel_speedup_{args.workers}": speedup,
-        "fuse_parallel": parallel,
+        **headline,
+        "parallel": parallel,
         "projection": proj,
-        "acceptance": acceptance(stages, n, speedup, proj),
+        "acceptance": acceptance(stages, n, headline.get(f"fuse_parallel_speedup_{args.workers}"), proj),
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cores": os.cpu_count(),
         "seconds_total": round(time.perf_counter() - started, 1),

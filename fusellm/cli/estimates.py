@@ -37,8 +37,8 @@ APPLIES = {"bytes": {"extract", "fuse"}, "flops": {"extract", "train"}}  # what 
 # CPU work per CPU-second of the two corpus-sized CPU stages, measured by benchmarks/bench_scale.py
 # (docs/scaling.md, 8 MB of text, three tokenizers): bytes of corpus text cut into pieces, and
 # bytes of corpus text aligned and fused. Both stages run one process per core by default.
-PIECES_BYTES_PER_CPU_S = 358_451
-FUSE_BYTES_PER_CPU_S = 277_309
+PIECES_BYTES_PER_CPU_S = 457_930
+FUSE_BYTES_PER_CPU_S = 309_094
 GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "phi3"}
 
 
