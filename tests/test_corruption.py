@@ -117,3 +117,13 @@ def test_a_damaged_large_file_is_caught_by_its_reader_and_set_aside(fused, monke
     states = _rerun(fused)
     assert _digest(shard) == before
     assert "Completed" in states["extract"]
+
+
+def test_an_unreadable_stage_record_is_rebuilt(fused):
+    folder = _one(fused, "vocab")
+    before = _digest(folder)
+    record = folder / "stage.json"
+    record.write_text(record.read_text()[:-7])
+    states = _rerun(fused)
+    assert "Completed" in states["vocab"] and _digest(folder) == before
+    assert folder.with_name(f".{folder.name}.corrupt").is_dir()

@@ -85,6 +85,14 @@ def test_config_bytes_fail_naming_the_file(tmp_path, raw):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("text", ["a: 2020-13-45\n", "name: !!python/object:os.system x\n"])
+def test_yaml_values_it_cannot_read_name_the_file(tmp_path, text):
+    path = tmp_path / "fusion.yaml"
+    path.write_text(text)
+    with pytest.raises(FusionConfigError, match="fusion.yaml"):
+        load_fusion_config(path)
+
+
 def _read(path: Path) -> list[str]:
     ref = CorpusRef(uri=str(path))
     check_corpus(ref)

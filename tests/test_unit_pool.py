@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,10 +15,15 @@ from fusellm.stages.base import Unit, UnitPool, run_units_in_pool
 
 
 def _record(seconds: float, folder) -> dict:
-    """A unit's build: where and when it ran."""
+    """A unit's build: where (process, thread) and when it ran."""
     started = time.time()
     time.sleep(seconds)
-    return {"pid": os.getpid(), "started": started, "ended": time.time()}
+    return {
+        "pid": os.getpid(),
+        "thread": threading.get_ident(),
+        "started": started,
+        "ended": time.time(),
+    }
 
 
 def _units(workdir, n: int, seconds: float = 0.4) -> list[Unit]:
@@ -54,7 +60,8 @@ def test_many_callers_share_the_places(tmp_path):
     infos = [a.info for a in artifacts]
     assert [a.key for a in artifacts] == [u.key for u in units]
     assert _most_at_once(infos) <= 3
-    assert sum(i["pid"] == os.getpid() for i in infos) >= 1
+    here = [i for i in infos if i["pid"] == os.getpid()]
+    assert here and len({i["thread"] for i in here}) == 1  # one thread: tokenizers loaded once
 
 
 def test_built_units_are_found_not_rebuilt(tmp_path):
@@ -68,3 +75,23 @@ def test_built_units_are_found_not_rebuilt(tmp_path):
 def test_a_pool_needs_two_places():
     with pytest.raises(ValueError, match="at least 2 workers"):
         UnitPool(1)
+
+
+def _corrupt(path: str):
+    from fusellm.data.store import CorruptStoreError
+
+    raise CorruptStoreError(path, f"{path}: sha256 does not match the manifest")
+
+
+def test_a_corrupt_file_error_crosses_the_process_boundary_intact():
+    """Raised in a worker process, it reaches the parent with its file (the pool survives)."""
+    from fusellm.data.store import CorruptStoreError
+    from fusellm.stages.base import cores, process_pool
+
+    with process_pool(1) as pool:
+        with pytest.raises(CorruptStoreError) as err:
+            pool.submit(_corrupt, "/w/extract/k/store/shard-00000.safetensors").result()
+        assert err.value.path.name == "shard-00000.safetensors"
+        assert "sha256" in str(err.value)
+        assert pool.submit(os.getpid).result() != os.getpid()  # still working
+    assert 1 <= cores() <= (os.cpu_count() or 1)

@@ -291,9 +291,11 @@ def cpu_estimate(config: FusionConfig, target_tokens: float | None) -> dict:
         text, source = target_tokens * BYTES_PER_TOKEN_GUESS, "target tokens x 4 bytes"
     if text is None:
         return {}
-    cores = os.cpu_count() or 1
-    pieces_cores = config.pieces.workers or cores
-    fuse_cores = config.fusion.workers or cores
+    from fusellm.stages.base import cores
+
+    available = cores()
+    pieces_cores = config.pieces.workers or available
+    fuse_cores = config.fusion.workers or available
     pieces = text / PIECES_BYTES_PER_CPU_S
     fuse = text / FUSE_BYTES_PER_CPU_S
     return {

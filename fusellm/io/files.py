@@ -24,6 +24,9 @@ class CorruptFileError(RuntimeError):
         super().__init__(message)
         self.path = Path(path)
 
+    def __reduce__(self):  # raised in a worker process, it must reach the parent intact
+        return (type(self), (self.path, str(self)), self.__dict__)
+
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` beside `path` and rename it into place (folders created)."""

@@ -43,3 +43,5 @@ def read_yaml(path: str | Path, error: type[Exception], what: str):
         raise error(f"{path}: not valid YAML ({err})") from None
     except RecursionError:
         raise error(f"{path}: nested too deeply to be a {what}") from None
+    except (ValueError, TypeError) as err:  # e.g. a date that does not exist: 2020-13-45
+        raise error(f"{path}: a value YAML cannot read ({err})") from None

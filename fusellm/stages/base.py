@@ -105,7 +105,10 @@ def damage(final: Path) -> str | None:
     """What no longer matches the stage record's files (missing, resized, changed), or None."""
     from fusellm.io.files import sha256_file
 
-    record = json.loads((final / STAGE_FILE).read_text()).get("files")
+    try:
+        record = json.loads((final / STAGE_FILE).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return f"{final / STAGE_FILE} is unreadable"
     if record is None:  # written before files were recorded
         return None
     for name, entry in record.items():
@@ -204,11 +207,23 @@ def _set_aside_what_is_corrupt(err: Exception, workdir: Path) -> None:
     folder = None if cause is None else _stage_folder_of(cause.path, workdir)
     if folder is None:
         return
-    folders = [folder, *_folders_linking(cause.path, workdir, besides=folder)]
-    moved = [f"{f} (now {quarantine(f).name})" for f in folders]
-    note = f"moved aside: {', '.join(moved)}; run again to recompute them"
+    try:
+        folders = [folder, *_folders_linking(cause.path, workdir, besides=folder)]
+        moved = [f"{f} (now {aside.name})" for f in folders if (aside := _set_aside(f))]
+    except OSError as trouble:  # never hide the error that brought us here
+        log.error("%s: could not move its stage folder aside (%s)", cause.path, trouble)
+        return
+    note = f"moved aside: {', '.join(moved) or 'already done by another unit'}; run again"
     err.add_note(note)
     log.error("%s: %s", cause.path, note)
+
+
+def _set_aside(folder: Path) -> Path | None:
+    """`quarantine` under the folder's own key lock; None when another unit already did it."""
+    with _key_lock(folder.with_name(f".{folder.name}.lock")):
+        if not (folder / STAGE_FILE).is_file():
+            return None
+        return quarantine(folder)
 
 
 def _folders_linking(path: Path, workdir: Path, *, besides: Path) -> list[Path]:
@@ -308,17 +323,22 @@ class UnitPool:
     """
 
     def __init__(self, workers: int):
+        from concurrent.futures import ThreadPoolExecutor
+
         if workers < 2:
             raise ValueError(f"a unit pool needs at least 2 workers, got {workers}")
         self._slots = threading.Semaphore(workers)
         self._here = threading.Lock()
+        # Units built here run on one long-lived thread, whichever caller's turn it is: the
+        # tokenizers it loads (`tokenizer_of`, per thread) are loaded once, not once per caller.
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="unit-pool")
         self._processes = process_pool(workers - 1)
 
     def build(self, unit: Unit) -> Artifact:
         with self._slots:
             if self._here.acquire(blocking=False):
                 try:
-                    return unit.run()
+                    return self._thread.submit(unit.run).result()
                 finally:
                     self._here.release()
             return build_in_pool(self._processes, unit)
@@ -327,6 +347,7 @@ class UnitPool:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._thread.shutdown(wait=True, cancel_futures=True)
         self._processes.shutdown(wait=True, cancel_futures=True)
 
 
@@ -375,6 +396,15 @@ def tokenizer_of(model: ModelFiles):
     if key not in cache:
         cache[key] = load_tokenizer(model.path, model.ref)
     return cache[key]
+
+
+def cores() -> int:
+    """The cores this process may use (its CPU affinity: a container's or a batch job's
+    allowance), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def device_for(choice: str) -> str:

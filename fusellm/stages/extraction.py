@@ -58,11 +58,11 @@ def extract_unit(
     e = config.extraction
 
     def build(folder: Path) -> dict:
-        texts = read_shard(pieces, shard)  # this shard's pieces only
         device = device_of(e.device, place, gpu_count(), models=models, shard=shard or 0)
         with DEVICES.use(
             device, model.identity, lambda: load_model(model.path, model.ref).to(device)
         ) as lm:
+            texts = read_shard(pieces, shard)  # this shard's pieces only, once the device is ours
             manifest = extract_topk(
                 lm,
                 tokenizer_of(model),

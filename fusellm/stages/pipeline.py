@@ -16,14 +16,13 @@ stage work is carried out and where its numbers are logged.
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from fusellm.config import FusionConfig
-from fusellm.stages.base import Artifact, ModelFiles, Unit, run_units_in_pool
+from fusellm.stages.base import Artifact, ModelFiles, Unit, cores, run_units_in_pool
 from fusellm.stages.devices import DEVICES
 from fusellm.stages.evaluation import Results, compare_unit, evaluate_unit, primary_scores
 from fusellm.stages.extraction import extract_unit, store_unit
@@ -275,7 +274,7 @@ def align_and_fuse(f: Fusion, ex: Executor) -> None:
             )
             for i, shard in enumerate(_shards(f))
         ]
-        fused_shards = ex.run_all(units, workers=config.fusion.workers or os.cpu_count() or 1)
+        fused_shards = ex.run_all(units, workers=config.fusion.workers or cores())
         f.fused_data = ex.run(fused_unit(fused_shards, maps, f.pieces, config))
         for name, stats in f.fused_data.info.get("sources_stats", {}).items():
             ex.tracker.metrics(stats, prefix=f"fusion/{name}")

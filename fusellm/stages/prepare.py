@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from fusellm.config import FusionConfig
 from fusellm.io.fingerprint import tokenizer_fingerprint
 from fusellm.io.sources import ModelRef
-from fusellm.stages.base import Artifact, ModelFiles, StageError, Unit, stage_key, tokenizer_of
+from fusellm.stages.base import (
+    Artifact,
+    ModelFiles,
+    StageError,
+    Unit,
+    cores,
+    stage_key,
+    tokenizer_of,
+)
 
 
 def resolve_identities(config: FusionConfig) -> dict[str, str]:
@@ -75,7 +82,7 @@ def pieces_unit(
             config.pieces.margin,
             tally=tally,
             progress=progress,
-            workers=config.pieces.workers or os.cpu_count() or 1,
+            workers=config.pieces.workers or cores(),
         )
         manifest = write_piece_shards(pieces, folder, config.extraction.shard_size)
         if not manifest["count"]:
