@@ -547,6 +547,9 @@ def parse_fusion_config(data, *, source: str = "config", base: Path | None = Non
             f"{source}: expected a mapping with target, sources and corpus, got "
             f"{type(data).__name__}"
         )
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:  # YAML allows any key ("? " alone is a null one); a field name is text
+        raise FusionConfigError(f"{source}: field names must be text, got {odd[0]!r}")
     if base is not None:
         data = rebase_paths(data, base)
     try:

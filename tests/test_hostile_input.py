@@ -85,7 +85,16 @@ def test_config_bytes_fail_naming_the_file(tmp_path, raw):
     assert str(path) in str(err.value)
 
 
-@pytest.mark.parametrize("text", ["a: 2020-13-45\n", "name: !!python/object:os.system x\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: 2020-13-45\n",
+        "name: !!python/object:os.system x\n",
+        "?\n",
+        "1: x\n",
+        "target: {? : 1}\n",
+    ],
+)
 def test_yaml_values_it_cannot_read_name_the_file(tmp_path, text):
     path = tmp_path / "fusion.yaml"
     path.write_text(text)
