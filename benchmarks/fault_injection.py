@@ -18,7 +18,6 @@ same check. Fuzz: the hostile-input tests with N examples each. Each mode prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -33,7 +32,7 @@ from _common import ROOT, emit
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+from fusion_fixtures import build_models, corpus_texts, write_corpus, write_fault_config
 
 from fusellm.testing.faults import (
     damage_one,
@@ -44,20 +43,11 @@ from fusellm.testing.faults import (
 )
 
 
-def write_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
-    data = fusion_dict(models, str(corpus), root / name, "unused")
-    data["extraction"]["shard_size"] = 6
-    data["training"].update(max_steps=24, checkpoint_every=4)
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
 def prepare(root: Path) -> dict:
     texts = corpus_texts(8)
     models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
     corpus = write_corpus(root / "corpus", texts)
-    config = write_config(root, models, corpus, "reference")
+    config = write_fault_config(root, models, corpus, "reference")
     started = time.monotonic()
     if run_walk(config, root / "reference.log") != 0:
         raise SystemExit(f"the uninterrupted run failed: {root / 'reference.log'}")
@@ -72,33 +62,41 @@ def verdict(work: Path, expected: dict) -> str | None:
     return f"left behind: {left[:3]}" if left else None
 
 
+def settle(outcome: dict, problem: str | None, label: str, work: Path) -> None:
+    """Count one trial: a failure is printed and its folder kept to look at; a pass removed."""
+    if problem:
+        outcome["failed"].append(f"{label}: {problem}")
+        print(outcome["failed"][-1], flush=True)
+    else:
+        outcome["passed"] += 1
+        shutil.rmtree(work)
+
+
 def kills(root: Path, ref: dict, n: int, seed: int) -> dict:
-    rng, passed, failed, reached = random.Random(seed), 0, [], []
+    rng = random.Random(seed)
+    outcome: dict = {"passed": 0, "failed": [], "kills": []}
     for i in range(n):
         name = f"kill-{i}"
-        config = write_config(root, ref["models"], ref["corpus"], name)
+        config = write_fault_config(root, ref["models"], ref["corpus"], name)
         log = root / f"{name}.log"
         at = rng.uniform(0.5, ref["seconds"])
         killed = run_walk(config, log, kill_after=at) is None
         stages = finished_stages(root / name)
         problem = None if run_walk(config, log) == 0 else f"the re-run failed ({log})"
         problem = problem or verdict(root / name, ref["expected"])
-        if problem:
-            failed.append(f"kill {i} at {at:.1f} s (killed: {killed}, done: {stages}): {problem}")
-            print(failed[-1], flush=True)
-        else:
-            passed += 1
-            shutil.rmtree(root / name)
-        reached.append({"at": round(at, 2), "killed": killed, "finished": stages})
-    return {"passed": passed, "failed": failed, "kills": reached}
+        settle(outcome, problem, f"kill {i} at {at:.1f} s (killed: {killed}, done: {stages})",
+               root / name)
+        outcome["kills"].append({"at": round(at, 2), "killed": killed, "finished": stages})
+    return outcome
 
 
 def corruptions(root: Path, ref: dict, n: int, seed: int) -> dict:
-    rng, passed, failed, done = random.Random(seed), 0, [], []
+    rng = random.Random(seed)
+    outcome: dict = {"passed": 0, "failed": [], "damages": []}
     for i in range(n):
         name = f"damaged-{i}"
         shutil.copytree(root / "reference", root / name)
-        config = write_config(root, ref["models"], ref["corpus"], name)
+        config = write_fault_config(root, ref["models"], ref["corpus"], name)
         what = damage_one(root / name, rng)
         log = root / f"{name}.log"
         runs = [run_walk(config, log)]
@@ -106,14 +104,9 @@ def corruptions(root: Path, ref: dict, n: int, seed: int) -> dict:
             runs.append(run_walk(config, log))
         problem = None if runs[-1] == 0 else f"the re-runs failed ({log})"
         problem = problem or verdict(root / name, ref["expected"])
-        if problem:
-            failed.append(f"{what}: {problem}")
-            print(failed[-1], flush=True)
-        else:
-            passed += 1
-            shutil.rmtree(root / name)
-        done.append({"damage": what, "runs": len(runs)})
-    return {"passed": passed, "failed": failed, "damages": done}
+        settle(outcome, problem, what, root / name)
+        outcome["damages"].append({"damage": what, "runs": len(runs)})
+    return outcome
 
 
 def fuzz(n: int) -> dict:

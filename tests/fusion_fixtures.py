@@ -74,3 +74,14 @@ def fusion_dict(models: dict[str, str], corpus: str, workdir: Path, tracking_uri
         },
         "workdir": str(workdir),
     }
+
+
+def write_fault_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
+    """The tiny fusion the fault-injection tests and benchmark kill and damage, as a JSON file:
+    several extraction shards and a training with checkpoints to resume from."""
+    data = fusion_dict(models, str(corpus), root / name, "unused")
+    data["extraction"]["shard_size"] = 6
+    data["training"].update(max_steps=24, checkpoint_every=4)
+    path = root / f"{name}.json"
+    path.write_text(json.dumps(data))
+    return path

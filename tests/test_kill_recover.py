@@ -5,15 +5,13 @@ run never interrupted, and leaves no half-built folder or temporary file behind
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import time
-from pathlib import Path
 
 import pytest
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+from fusion_fixtures import build_models, corpus_texts, write_corpus, write_fault_config
 
 from fusellm.testing.faults import damage_one, finished_stages, leftovers, outputs, run_walk
 
@@ -22,22 +20,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 KILLS = int(os.environ.get("FUSELLM_KILLS", "3"))
 
 
-def _config(root: Path, models: dict, corpus: Path, name: str) -> Path:
-    data = fusion_dict(models, str(corpus), root / name, "unused")
-    data["extraction"]["shard_size"] = 6
-    data["training"].update(max_steps=24, checkpoint_every=4)
-    path = root / f"{name}.json"
-    path.write_text(json.dumps(data))
-    return path
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
     texts = corpus_texts(8)
     models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
     corpus = write_corpus(root / "corpus", texts)
-    config = _config(root, models, corpus, "reference")
+    config = write_fault_config(root, models, corpus, "reference")
     started = time.monotonic()
     assert run_walk(config, root / "reference.log") == 0, (root / "reference.log").read_text()[
         -3000:
@@ -49,7 +38,7 @@ def reference(tmp_path_factory):
 
 def test_killed_runs_recover_to_the_same_result(reference):
     root, models, corpus, expected, whole = reference
-    config = _config(root, models, corpus, "killed")
+    config = write_fault_config(root, models, corpus, "killed")
     rng = random.Random(int(os.environ.get("FUSELLM_KILL_SEED", "0")))
     log = root / "killed.log"
     reached = []
@@ -68,7 +57,7 @@ def test_damaged_artifacts_are_recomputed_to_the_same_result(reference):
     rng = random.Random(1)
     work = root / "damaged"
     shutil.copytree(root / "reference", work)
-    config = _config(root, models, corpus, "damaged")
+    config = write_fault_config(root, models, corpus, "damaged")
     log = root / "damaged.log"
     for _ in range(3):
         what = damage_one(work, rng)
