@@ -13,7 +13,15 @@ import time
 import pytest
 from fusion_fixtures import build_models, corpus_texts, write_corpus, write_fault_config
 
-from fusellm.testing.faults import damage_one, finished_stages, leftovers, outputs, run_walk
+from fusellm.testing.faults import (
+    built,
+    damage_one,
+    finished_stages,
+    leftovers,
+    outputs,
+    run_walk,
+    start_walk,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -64,3 +72,20 @@ def test_damaged_artifacts_are_recomputed_to_the_same_result(reference):
         assert run_walk(config, log) == 0, f"{what}: {log.read_text()[-3000:]}"
         assert outputs(work) == expected, what
     assert leftovers(work) == []
+
+
+def test_two_runs_at_once_build_everything_once(reference):
+    """Two walks of the same config on the same work folder, started together: each stage
+    folder is built by one of them (the other waits and reuses it), and the result is the
+    uninterrupted run's."""
+    root, models, corpus, expected, _ = reference
+    config = write_fault_config(root, models, corpus, "twice")
+    logs = [root / "twice-a.log", root / "twice-b.log"]
+    runs = [start_walk(config, log) for log in logs]
+    assert [r.wait(timeout=600) for r in runs] == [0, 0], logs[0].read_text()[-2000:]
+    solo = built(root / "reference.log")
+    a, b = (built(log) for log in logs)
+    assert {s: a.get(s, 0) + b.get(s, 0) for s in solo} == solo
+    assert sum(solo.values()) > 10  # the whole fusion was built, split between the two
+    assert outputs(root / "twice") == expected
+    assert leftovers(root / "twice") == []

@@ -23,21 +23,26 @@ from pathlib import Path
 OUTPUTS = ("fused/[!.]*/store/*.safetensors", "train/[!.]*/model/*.safetensors")
 
 
-def run_walk(config: Path, log: Path, kill_after: float | None = None) -> int | None:
-    """Exit code of a walk of `config`, or None when it was killed after `kill_after` s."""
+def start_walk(config: Path, log: Path) -> subprocess.Popen:
+    """A walk of `config` started in a process group of its own, its output appended to `log`."""
     with open(log, "ab") as out:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [sys.executable, "-m", "fusellm.testing.faults", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the kill takes its children too
         )
-        try:
-            return proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return None
+
+
+def run_walk(config: Path, log: Path, kill_after: float | None = None) -> int | None:
+    """Exit code of a walk of `config`, or None when it was killed after `kill_after` s."""
+    proc = start_walk(config, log)
+    try:
+        return proc.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return None
 
 
 def outputs(work: Path) -> dict[str, str]:
@@ -84,12 +89,27 @@ def damage_one(work: Path, rng: random.Random) -> str:
     return f"{how} {victim.relative_to(work)}"
 
 
+def built(log: Path) -> dict[str, int]:
+    """Stage folders a finished walk built itself (not found built), per stage, from its log."""
+    lines = [line for line in Path(log).read_text().splitlines() if line.startswith(TALLY)]
+    if not lines:
+        raise ValueError(f"{log}: no walk finished here")
+    states = json.loads(lines[-1][len(TALLY) :])
+    steps = ("resolve-sources", "fetch-model")  # not stage folders: they run every time
+    return {s: names.count("Completed") for s, names in states.items() if s not in steps}
+
+
+TALLY = "TALLY "  # the last line of a finished walk: what each unit's state was
+
+
 def _walk(config_path: str) -> None:
     from fusellm.config import parse_fusion_config
     from fusellm.stages.pipeline import Executor, walk
 
     config = parse_fusion_config(json.loads(Path(config_path).read_text()))
-    walk(config, Executor(), until="train")
+    ex = Executor()
+    walk(config, ex, until="train")
+    print(TALLY + json.dumps(ex.tally.as_dict()), flush=True)
 
 
 if __name__ == "__main__":
