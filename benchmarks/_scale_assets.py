@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fusellm.demo.data import DOMAINS, load_split, split_position
+from fusellm.demo.data import DOMAINS, leading_within, load_split, split_position
 
 BLOCK_SIZE = 512
 MARGIN = 8
@@ -47,13 +47,8 @@ def corpus_stream() -> list[str]:
 
 def corpus_prefix(docs: list[str], max_bytes: int) -> list[str]:
     """The leading documents of the stream that fit in `max_bytes` of UTF-8."""
-    out, total = [], 0
-    for doc in docs:
-        size = len(doc.encode("utf-8"))
-        if total + size > max_bytes:
-            break
-        out.append(doc)
-        total += size
+    out = leading_within(docs, max_bytes)
+    total = sum(len(doc.encode("utf-8")) for doc in out)
     if total < 0.95 * max_bytes:
         raise ValueError(
             f"only {total:,} bytes of text available for a {max_bytes:,}-byte corpus; "

@@ -308,10 +308,13 @@ def load_split(
     low, high = _bounds(split, config)
     positioned = _positioned(domain, config, Path(root) if root else None)
     chosen = [doc for doc, u in sorted(positioned, key=lambda item: item[1]) if low <= u < high]
-    if max_bytes is None:
-        return chosen
+    return chosen if max_bytes is None else leading_within(chosen, max_bytes)
+
+
+def leading_within(docs: list[str], max_bytes: int) -> list[str]:
+    """The leading documents whose UTF-8 text fits in `max_bytes` together."""
     out, total = [], 0
-    for doc in chosen:
+    for doc in docs:
         size = len(doc.encode("utf-8"))
         if total + size > max_bytes:
             break
