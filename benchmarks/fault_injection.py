@@ -1,9 +1,10 @@
-"""Fault injection at larger counts than the test suite runs (tests/test_kill_recover.py,
-tests/test_hostile_input.py): kill-and-recover, damaged artifacts, fuzzed input.
+"""Fault injection at larger counts than the test suite runs (tests/reliability/test_kill_recover.py,
+tests/reliability/test_hostile_input.py): kill-and-recover, damaged artifacts, fuzzed input.
 
     .venv/bin/python benchmarks/fault_injection.py --kills 100      # ~40 s a kill on 2 cores
     .venv/bin/python benchmarks/fault_injection.py --corrupt 50
     .venv/bin/python benchmarks/fault_injection.py --fuzz 5000
+    .venv/bin/python benchmarks/fault_injection.py --run-kills 20   # ~1 min a kill
 
 Kills: a tiny fusion (walked to training in its own process, `fusellm.testing.faults`) is
 SIGKILLed, process group and all, at a uniformly random moment of its run, then run again to
@@ -11,7 +12,12 @@ the end; it passes when its fused data and trained weights equal those of an uni
 and no half-built folder or temporary file is left. Corrupt: a copy of the finished fusion has
 one random file of a random stage folder flipped, truncated or deleted, and is run again (up to
 twice: a damage found by a reader moves the folder aside and fails the run naming the file);
-same check. Fuzz: the hostile-input tests with N examples each. Each mode prints one line
+same check. Run-kills: the whole `fusellm run` (Prefect flow, evaluation, MLflow registration
+in a SQLite store of its own) is killed in each stage in turn, a random moment within that
+stage's duration in an uninterrupted run, then run again; it passes when only unfinished folders
+were computed, the outputs, scores and champion decision equal the uninterrupted run's and
+exactly one finished model version is registered (`fusellm.testing.faults.run_recovery_problems`).
+Fuzz: the hostile-input tests with N examples each. Each mode prints one line
 ``N passed, M failed`` (and the failures above it); the last line is JSON.
 """
 
@@ -32,14 +38,39 @@ from _common import ROOT, emit
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fusion_fixtures import build_models, corpus_texts, write_corpus, write_fault_config
+from fusion_fixtures import (
+    build_models,
+    corpus_texts,
+    run_tracking_uri,
+    write_corpus,
+    write_fault_config,
+    write_run_config,
+)
 
 from fusellm.testing.faults import (
     damage_one,
+    finished_folders,
     finished_stages,
+    kill_while_building,
     leftovers,
     outputs,
+    run_recovery_problems,
     run_walk,
+    stage_seconds,
+    start_run,
+)
+
+RUN_STAGES = (
+    "pieces",
+    "extract",
+    "store",
+    "vocab",
+    "fuse",
+    "fused",
+    "train",
+    "evaluate",
+    "compare",
+    "register",
 )
 
 
@@ -51,8 +82,12 @@ def prepare(root: Path) -> dict:
     started = time.monotonic()
     if run_walk(config, root / "reference.log") != 0:
         raise SystemExit(f"the uninterrupted run failed: {root / 'reference.log'}")
-    return {"models": models, "corpus": corpus, "expected": outputs(root / "reference"),
-            "seconds": time.monotonic() - started}
+    return {
+        "models": models,
+        "corpus": corpus,
+        "expected": outputs(root / "reference"),
+        "seconds": time.monotonic() - started,
+    }
 
 
 def verdict(work: Path, expected: dict) -> str | None:
@@ -84,8 +119,12 @@ def kills(root: Path, ref: dict, n: int, seed: int) -> dict:
         stages = finished_stages(root / name)
         problem = None if run_walk(config, log) == 0 else f"the re-run failed ({log})"
         problem = problem or verdict(root / name, ref["expected"])
-        settle(outcome, problem, f"kill {i} at {at:.1f} s (killed: {killed}, done: {stages})",
-               root / name)
+        settle(
+            outcome,
+            problem,
+            f"kill {i} at {at:.1f} s (killed: {killed}, done: {stages})",
+            root / name,
+        )
         outcome["kills"].append({"at": round(at, 2), "killed": killed, "finished": stages})
     return outcome
 
@@ -109,31 +148,89 @@ def corruptions(root: Path, ref: dict, n: int, seed: int) -> dict:
     return outcome
 
 
+def run_kills(root: Path, n: int, seed: int) -> dict:
+    """Kill `fusellm run` in each stage in turn (see the module's docstring)."""
+    texts = corpus_texts(8)
+    models = {k: str(v) for k, v in build_models(root / "run-models", texts).items()}
+    corpus = write_corpus(root / "run-corpus", texts)
+    reference = root / "run-reference"
+    if _run_to_end(write_run_config(root, models, corpus, reference.name), root, reference.name):
+        raise SystemExit(f"the uninterrupted run failed: {root / 'run-reference.log'}")
+    rng = random.Random(seed)
+    outcome: dict = {"passed": 0, "failed": [], "kills": []}
+    for i in range(n):
+        name, stage = f"run-kill-{i}", RUN_STAGES[i % len(RUN_STAGES)]
+        config = write_run_config(root, models, corpus, name)
+        delay = rng.uniform(0.0, 0.9 * stage_seconds(reference, stage))
+        proc = start_run(config, root / f"{name}-cut.log", root / f"{name}-home")
+        killed = kill_while_building(proc, root / name, stage, delay)
+        before = finished_folders(root / name)
+        problems = [] if killed else [f"the run ended before the kill in {stage}"]
+        if _run_to_end(config, root, name):
+            problems.append(f"the re-run failed ({root / name}.log)")
+        else:
+            problems += run_recovery_problems(
+                root / name,
+                reference,
+                before,
+                root / f"{name}.log",
+                run_tracking_uri(root, name),
+                "tiny-fused",
+            )
+        settle(
+            outcome, "; ".join(problems) or None, f"{name} in {stage} +{delay:.2f} s", root / name
+        )
+        outcome["kills"].append(
+            {"stage": stage, "delay": round(delay, 2), "finished_before": len(before)}
+        )
+    return outcome
+
+
+def _run_to_end(config: Path, root: Path, name: str) -> int:
+    return start_run(config, root / f"{name}.log", root / f"{name}-home").wait()
+
+
 def fuzz(n: int) -> dict:
     env = {**os.environ, "FUSELLM_FUZZ_EXAMPLES": str(n)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(ROOT / "tests" / "test_hostile_input.py")],
-        check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "tests" / "reliability" / "test_hostile_input.py"),
+        ],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|error)", tail)}
     if proc.returncode and not counts.get("failed"):
         counts["failed"] = 1  # pytest itself failed (collection, an error): count it
-    return {"passed": counts.get("passed", 0), "failed": counts.get("failed", 0),
-            "pytest": tail, "examples_each": n}
+    return {
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0),
+        "pytest": tail,
+        "examples_each": n,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--kills", type=int, default=0)
     parser.add_argument("--corrupt", type=int, default=0)
+    parser.add_argument("--run-kills", type=int, default=0, help="kills of `fusellm run`")
     parser.add_argument("--fuzz", type=int, default=0, help="examples per fuzzed test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp one)")
     args = parser.parse_args(argv)
-    if not (args.kills or args.corrupt or args.fuzz):
-        parser.error("give --kills N, --corrupt N and/or --fuzz N")
+    if not (args.kills or args.corrupt or args.run_kills or args.fuzz):
+        parser.error("give --kills N, --corrupt N, --run-kills N and/or --fuzz N")
     root = args.out or Path(tempfile.mkdtemp(prefix="fusellm-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     result: dict = {"bench": "fault-injection", "seed": args.seed}
@@ -149,10 +246,17 @@ def main(argv: list[str] | None = None) -> dict:
             r = corruptions(root, ref, args.corrupt, args.seed)
             print(f"corruption: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
             result["corruption"] = r
+    if args.run_kills:
+        r = run_kills(root, args.run_kills, args.seed)
+        print(f"run-kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
+        result["run_kills"] = r
     if args.fuzz:
         r = fuzz(args.fuzz)
-        print(f"fuzzing: {r['passed']} passed, {r['failed']} failed (the hostile-input tests, "
-              f"{args.fuzz} examples each)", flush=True)
+        print(
+            f"fuzzing: {r['passed']} passed, {r['failed']} failed (the hostile-input tests, "
+            f"{args.fuzz} examples each)",
+            flush=True,
+        )
         result["fuzz"] = r
     result["seconds"] = round(time.monotonic() - started, 1)
     emit(result)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 from support import tiny_texts
 
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
@@ -85,3 +86,18 @@ def write_fault_config(root: Path, models: dict, corpus: Path, name: str) -> Pat
     path = root / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
+
+
+def write_run_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
+    """The tiny fusion that `fusellm run` is killed in, as YAML: work folder `root/name`, its
+    own MLflow store `root/name.db` (`run_tracking_uri`), several extraction shards."""
+    data = fusion_dict(models, str(corpus), root / name, run_tracking_uri(root, name))
+    data["extraction"]["shard_size"] = 6
+    data["training"].update(max_steps=8, checkpoint_every=4)
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_tracking_uri(root: Path, name: str) -> str:
+    return f"sqlite:///{root / name}.db"

@@ -289,6 +289,59 @@ def test_champion_scored_on_another_metric_is_not_replaced(store, tiny_dir):
     assert not other.is_champion and "'bpb'" in other.reason and _champion(name) == 1
 
 
+def _register_result(name, key, tiny_dir, score=1.0):
+    with fusion_run(f"fuse-{key}"):
+        return log_and_register_model(
+            tiny_dir, registered_name=name, primary_metric="bpb",
+            scores={"fused": score, "a": 2.0}, fused="fused", sources=["a"],
+            lower_is_better=True, result_key=key,
+        )  # fmt: skip
+
+
+def test_one_version_per_result_key(store, tiny_dir):
+    name = "fused-once"
+    first = _register_result(name, "k1", tiny_dir)
+    again = _register_result(name, "k1", tiny_dir)
+    assert (again.version, again.is_champion) == (first.version, True)
+    assert "registered earlier" in again.reason
+    other = _register_result(name, "k2", tiny_dir, score=0.5)  # a distinct result: a version
+    assert other.version == first.version + 1 and other.is_champion
+    assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 2
+
+
+def test_a_half_registered_version_is_finished_not_duplicated(store, tiny_dir):
+    """A run killed after registering the version but before deciding its role: the re-run
+    finishes that version (alias, description, role) instead of registering another."""
+    name = "fused-half"
+    first = _register_result(name, "k", tiny_dir)
+    client = MlflowClient()
+    client.delete_model_version_tag(name, str(first.version), tracking.TAG_ROLE)
+    client.delete_registered_model_alias(name, "champion")
+    finished = _register_result(name, "k", tiny_dir)
+    assert finished.version == first.version and finished.is_champion
+    assert _role(name, first.version) == "champion" and _champion(name) == first.version
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_a_race_for_the_same_result_keeps_the_earlier_version(store, tiny_dir, monkeypatch):
+    """Two runs register the same result at once: the later version is deleted and both get
+    the earlier one."""
+    from fusellm.tracking import registry
+
+    name = "fused-race"
+    real = registry._log_and_register
+
+    def racing(*args):
+        real(*args)  # the other run's version lands first...
+        return real(*args)  # ...then ours
+
+    monkeypatch.setattr(registry, "_log_and_register", racing)
+    result = _register_result(name, "k", tiny_dir)
+    versions = MlflowClient().search_model_versions(f"name = '{name}'")
+    assert [int(v.version) for v in versions] == [1] and result.version == 1
+    assert _role(name, 1) == "champion"
+
+
 def test_bad_registration_input_fails_before_logging(store, tiny_dir, tmp_path):
     with fusion_run("bad") as parent:
         with pytest.raises(ValueError, match="'mpt'"):

@@ -49,6 +49,7 @@ def register_unit(fused: Artifact, scores: dict[str, float] | None, config: Fusi
             sources=config.source_names,
             lower_is_better=config.lower_is_better(),
             trust_remote_code=config.target.trust_remote_code,
+            result_key=key,  # a crash between registering and finishing costs no second version
         )
         return {
             "name": result.name,

@@ -7,6 +7,10 @@ equal those of a run that was never interrupted, and no half-built folder or tem
 may be left behind.
 
     python -m fusellm.testing.faults CONFIG.json      # the walk itself
+
+The whole command, `fusellm run` (Prefect flow, evaluation, MLflow registration), is killed
+the same way by `start_run` and `kill_while_building`, which aim a kill at a chosen stage: it
+lands a random moment after that stage's first partial folder appears.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 OUTPUTS = ("fused/[!.]*/store/*.safetensors", "train/[!.]*/model/*.safetensors")
@@ -43,6 +49,107 @@ def run_walk(config: Path, log: Path, kill_after: float | None = None) -> int | 
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         return None
+
+
+def start_run(config: Path, log: Path, home: Path) -> subprocess.Popen:
+    """`fusellm run CONFIG --home HOME` in a process group of its own, output appended to `log`."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("fusellm")),
+                "run",
+                str(config),
+                "--home",
+                str(home),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill_while_building(
+    proc: subprocess.Popen, work: Path, stage: str, delay: float, timeout: float = 900.0
+) -> bool:
+    """SIGKILL `proc`'s process group `delay` s after a partial folder of `stage` appears in
+    `work`; False when the process ended first (nothing was killed)."""
+    deadline = time.monotonic() + timeout
+    while not any(Path(work).glob(f"{stage}/.*.partial")):
+        if proc.poll() is not None:
+            return False
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def finished_folders(work: Path) -> dict[str, int]:
+    """{stage/key: mtime of its stage.json} of every finished stage folder: a folder a re-run
+    rebuilt, or touched, shows as a changed mtime."""
+    return {
+        str(p.parent.relative_to(work)): p.stat().st_mtime_ns
+        for p in Path(work).glob("*/[!.]*/stage.json")
+    }
+
+
+def stage_seconds(work: Path, stage: str) -> float:
+    """How long the quickest folder of `stage` took to build in a finished fusion at `work`:
+    the window a kill aimed at that stage must land in."""
+    return min(
+        json.loads(p.read_text())["seconds"] for p in Path(work).glob(f"{stage}/[!.]*/stage.json")
+    )
+
+
+def completed_tasks(log: Path) -> list[str]:
+    """Prefect task runs a `fusellm run` log shows as computed (Completed, not Cached), leaving
+    out those that run every time (resolving and fetching sources are not stage folders)."""
+    found = re.findall(r"Task run '([^']+)' - Finished in state Completed\(", Path(log).read_text())
+    return sorted(n for n in found if n not in ("resolve-sources", "fetch-model"))
+
+
+def run_recovery_problems(
+    work: Path, reference: Path, before: dict[str, int], log: Path, tracking_uri: str, name: str
+) -> list[str]:
+    """What is wrong with a `fusellm run` finished after kills (empty when nothing is).
+
+    `before`: `finished_folders(work)` after the last kill; `log`: the finishing run's output;
+    `reference`: the work folder of an uninterrupted run of the same fusion.
+    """
+    from mlflow import MlflowClient
+
+    problems = []
+    after = finished_folders(work)
+    if any(after.get(k) != v for k, v in before.items()):
+        problems.append("a folder finished before the re-run was rebuilt or touched")
+    new, computed = set(after) - set(before), completed_tasks(log)
+    if len(computed) != len(new):
+        problems.append(f"{len(computed)} tasks computed for {len(new)} unfinished folders")
+    if leftovers(work):
+        problems.append(f"left behind: {leftovers(work)[:3]}")
+    if outputs(work) != outputs(reference):
+        problems.append("fused data or weights differ from the uninterrupted run's")
+    ours, theirs = _summary(work), _summary(reference)
+    if ours["scores"] != theirs["scores"]:
+        problems.append(f"scores {ours['scores']} differ from {theirs['scores']}")
+    decided = ours["registration"]["is_champion"]
+    if decided != theirs["registration"]["is_champion"]:
+        problems.append("the champion decision differs from the uninterrupted run's")
+    versions = MlflowClient(tracking_uri).search_model_versions(f"name = '{name}'")
+    roles = [v.tags.get("fusellm.role") for v in versions]
+    if roles != ["champion" if decided else "challenger"]:
+        problems.append(f"registered versions' roles {roles}: expected one, finished")
+    return problems
+
+
+def _summary(work: Path) -> dict:
+    (record,) = Path(work).glob("runs/*.json")
+    return json.loads(record.read_text())["summary"]
 
 
 def outputs(work: Path) -> dict[str, str]:

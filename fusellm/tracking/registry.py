@@ -6,6 +6,13 @@ metric, its direction and the sources' scores. The alias `champion` moves to it 
 beats the current champion and every source (`fusellm.tracking.champion`); otherwise the alias
 `challenger` moves to it (the newest version that did not win) and it is tagged
 `fusellm.role=challenger`.
+
+Registration is idempotent per result: each version carries the key of what it registers
+(`fusellm.registration_key`), and `fusellm.role` is written last, as the mark of a finished
+registration. A re-run after a crash finds a version with its key: a finished one is returned
+as it is, a half-registered one (killed before its role was written) is finished, so a result
+never gets two versions; if two runs race to register the same result, the later version is
+deleted in favour of the earlier.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ TAG_LOWER_IS_BETTER = "fusellm.lower_is_better"
 TAG_SOURCES = "fusellm.sources"
 TAG_FUSED = "fusellm.fused"
 TAG_SOURCE_SCORE = "fusellm.source_score.{}"
+TAG_RESULT = "fusellm.registration_key"
 
 
 @dataclass(frozen=True)
@@ -126,6 +134,7 @@ def log_and_register_model(
     artifact_path: str = "model",
     trust_remote_code: bool = False,
     run_id: str | None = None,
+    result_key: str | None = None,
 ) -> RegistrationResult:
     """Log the fused model, register a new version, decide on `champion`.
 
@@ -137,12 +146,73 @@ def log_and_register_model(
     `scores[s]` for every source. The version is tagged with the metric, its direction, its value
     and the sources' values; `champion` moves to it only if it beats every source and the
     current champion (read from the champion version's tags), else `challenger` moves to it.
-    Inputs are checked before the model is loaded.
+    Inputs are checked before the model is loaded. With `result_key`, a version already
+    registered for that key is returned (or finished, when a crash cut it short) instead.
     """
     model_dir = Path(model_dir).resolve()
     _check_model_dir(model_dir)
     checked = check_scores(scores, fused, list(sources))
     run_id = run_id or innermost_fusion() or require_run("log_and_register_model", None)
+    client = MlflowClient()
+    done = _versions_of(client, registered_name, result_key)
+    if done and done[0].tags.get(TAG_ROLE):
+        return _finished(done[0], primary_metric)
+    if done:  # half-registered by a run that was killed: finish that version
+        number, model_uri = int(done[0].version), done[0].source
+    else:
+        number, model_uri = _log_and_register(
+            model_dir, registered_name, primary_metric, checked, fused, sources,
+            lower_is_better, artifact_path, trust_remote_code, run_id, result_key,
+        )  # fmt: skip
+        first = _versions_of(client, registered_name, result_key)
+        if first and int(first[0].version) != number:  # lost a race: keep the earlier version
+            client.delete_model_version(registered_name, str(number))
+            if first[0].tags.get(TAG_ROLE):
+                return _finished(first[0], primary_metric)
+            number, model_uri = int(first[0].version), first[0].source
+    return _decide(
+        client, registered_name, number, model_uri, primary_metric, checked, fused, sources,
+        lower_is_better, run_id,
+    )  # fmt: skip
+
+
+def _versions_of(client: MlflowClient, name: str, result_key: str | None) -> list:
+    """Versions of `name` registered for `result_key`, oldest first (none without a key)."""
+    if not result_key:
+        return []
+    quoted = name.replace("'", "\\'")
+    found = client.search_model_versions(
+        f"name = '{quoted}' and tags.`{TAG_RESULT}` = '{result_key}'"
+    )
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def _finished(version, primary_metric: str) -> RegistrationResult:
+    """What an earlier, finished registration of the same result decided."""
+    reason = (version.description or "").removeprefix(f"{primary_metric}: ")
+    return RegistrationResult(
+        version.name,
+        int(version.version),
+        version.tags.get(TAG_ROLE) == CHAMPION,
+        f"{reason} (registered earlier for the same result)",
+        version.source,
+    )
+
+
+def _log_and_register(
+    model_dir: Path,
+    registered_name: str,
+    primary_metric: str,
+    checked: Mapping[str, float],
+    fused: str,
+    sources: list[str],
+    lower_is_better: bool,
+    artifact_path: str,
+    trust_remote_code: bool,
+    run_id: str,
+    result_key: str | None,
+) -> tuple[int, str]:
+    """Log the model in `run_id` and register it as a new version; (version, model URI)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # An absolute name_or_path also keeps MLflow from looking the model up on the Hub.
@@ -159,25 +229,42 @@ def log_and_register_model(
         run_id=run_id,  # the fusion run even from a worker thread with no active run
     )
     del model
-
-    score = checked[fused]
-    source_scores = {s: checked[s] for s in sources}
-    client = MlflowClient()
-    champ_version, champ_score, problem = _champion_score(
-        client, registered_name, primary_metric, lower_is_better
-    )
     tags = {
         TAG_METRIC: primary_metric,
-        TAG_METRIC_VALUE: repr(score),
+        TAG_METRIC_VALUE: repr(checked[fused]),
         TAG_LOWER_IS_BETTER: str(lower_is_better),
         TAG_FUSED: fused,
         TAG_SOURCES: ",".join(sources),
-        **{TAG_SOURCE_SCORE.format(s): repr(v) for s, v in source_scores.items()},
+        **{TAG_SOURCE_SCORE.format(s): repr(checked[s]) for s in sources},
         TAG_CODE_VERSION: code_version(),
+        **({TAG_RESULT: result_key} if result_key else {}),
     }
     version = mlflow.register_model(info.model_uri, registered_name, tags=tags)
-    number = int(version.version)
-    if problem is not None:
+    return int(version.version), info.model_uri
+
+
+def _decide(
+    client: MlflowClient,
+    registered_name: str,
+    number: int,
+    model_uri: str,
+    primary_metric: str,
+    checked: Mapping[str, float],
+    fused: str,
+    sources: list[str],
+    lower_is_better: bool,
+    run_id: str,
+) -> RegistrationResult:
+    """Move `champion` or `challenger` to the version, then tag its role (the finishing mark)."""
+    score = checked[fused]
+    source_scores = {s: checked[s] for s in sources}
+    champ_version, champ_score, problem = _champion_score(
+        client, registered_name, primary_metric, lower_is_better
+    )
+    if champ_version == number:  # moved here before a crash cut the registration short
+        is_champion, reason = True, "became champion before an interrupted registration"
+        champ_version = None
+    elif problem is not None:
         is_champion, reason = False, problem
     else:
         is_champion, reason = champion_decision(score, source_scores, champ_score, lower_is_better)
@@ -187,10 +274,10 @@ def log_and_register_model(
             reason += f"; replaces version {champ_version}"
     else:  # the newest version that did not win: `models:/<name>@challenger` loads it
         client.set_registered_model_alias(registered_name, CHALLENGER, number)
+    client.update_model_version(registered_name, number, description=f"{primary_metric}: {reason}")
     client.set_model_version_tag(
         registered_name, number, TAG_ROLE, CHAMPION if is_champion else CHALLENGER
     )
-    client.update_model_version(registered_name, number, description=f"{primary_metric}: {reason}")
     set_tags(
         {
             "fusellm.registered_model": registered_name,
@@ -199,4 +286,4 @@ def log_and_register_model(
         },
         run_id=run_id,
     )
-    return RegistrationResult(registered_name, number, is_champion, reason, info.model_uri)
+    return RegistrationResult(registered_name, number, is_champion, reason, model_uri)
