@@ -13,7 +13,8 @@ and no half-built folder or temporary file is left. Corrupt: a copy of the finis
 one random file of a random stage folder flipped, truncated or deleted, and is run again (up to
 twice: a damage found by a reader moves the folder aside and fails the run naming the file);
 same check. Run-kills: the whole `fusellm run` (Prefect flow, evaluation, MLflow registration
-in a SQLite store of its own) is killed in each stage in turn, a random moment within that
+in a SQLite store of its own) is killed in each stage in turn (those that take at least AIMABLE_S; the quicker ones are
+only hit by the random kills above), a random moment within that
 stage's duration in an uninterrupted run, then run again; it passes when only unfinished folders
 were computed, the outputs, scores and champion decision equal the uninterrupted run's and
 exactly one finished model version is registered (`fusellm.testing.faults.run_recovery_problems`).
@@ -60,18 +61,10 @@ from fusellm.testing.faults import (
     start_run,
 )
 
-RUN_STAGES = (
-    "pieces",
-    "extract",
-    "store",
-    "vocab",
-    "fuse",
-    "fused",
-    "train",
-    "evaluate",
-    "compare",
-    "register",
-)
+MiB = 2**20
+RUN_STAGES = ("pieces", "extract", "store", "vocab", "fuse", "fused", "train", "evaluate",
+              "compare", "register")
+AIMABLE_S = 0.1  # a stage quicker than this is over before a watcher polling its folder sees it
 
 
 def prepare(root: Path) -> dict:
@@ -104,7 +97,7 @@ def settle(outcome: dict, problem: str | None, label: str, work: Path) -> None:
         print(outcome["failed"][-1], flush=True)
     else:
         outcome["passed"] += 1
-        shutil.rmtree(work)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def kills(root: Path, ref: dict, n: int, seed: int) -> dict:
@@ -157,9 +150,10 @@ def run_kills(root: Path, n: int, seed: int) -> dict:
     if _run_to_end(write_run_config(root, models, corpus, reference.name), root, reference.name):
         raise SystemExit(f"the uninterrupted run failed: {root / 'run-reference.log'}")
     rng = random.Random(seed)
-    outcome: dict = {"passed": 0, "failed": [], "kills": []}
+    stages = [s for s in RUN_STAGES if stage_seconds(reference, s) >= AIMABLE_S]
+    outcome: dict = {"passed": 0, "failed": [], "kills": [], "stages": stages}
     for i in range(n):
-        name, stage = f"run-kill-{i}", RUN_STAGES[i % len(RUN_STAGES)]
+        name, stage = f"run-kill-{i}", stages[i % len(stages)]
         config = write_run_config(root, models, corpus, name)
         delay = rng.uniform(0.0, 0.9 * stage_seconds(reference, stage))
         proc = start_run(config, root / f"{name}-cut.log", root / f"{name}-home")
@@ -188,6 +182,50 @@ def run_kills(root: Path, n: int, seed: int) -> dict:
 
 def _run_to_end(config: Path, root: Path, name: str) -> int:
     return start_run(config, root / f"{name}.log", root / f"{name}-home").wait()
+
+
+def s3_faults(root: Path, n: int, seed: int) -> dict:
+    """Random object-store faults through the proxy (`fusellm.testing.s3faults`)."""
+    import boto3
+    from support import free_port, running_server
+
+    from fusellm.settings import LOCALHOST
+    from fusellm.testing import s3faults
+
+    folder = root / "s3-src"
+    (folder / "sub").mkdir(parents=True, exist_ok=True)
+    (folder / "big.bin").write_bytes(random.Random(seed).randbytes(6 * MiB))
+    (folder / "config.json").write_text('{"a": 1}')
+    (folder / "sub" / "vocab.txt").write_text("a\nb\n")
+    port = free_port()
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "FUSELLM_S3_MAX_ATTEMPTS": str(s3faults.ATTEMPTS),
+           "FUSELLM_S3_TIMEOUT": "2", "FUSELLM_S3_MULTIPART_THRESHOLD": str(5 * MiB),
+           "FUSELLM_S3_MULTIPART_CHUNK": str(5 * MiB)}
+    os.environ.update(env)
+    moto = [str(Path(sys.executable).with_name("moto_server")), "-H", LOCALHOST, "-p", str(port)]
+    rng = random.Random(seed)
+    outcome: dict = {"passed": 0, "failed": [], "faults": []}
+    with running_server(moto, root / "moto.log", env, port=port, timeout=60):
+        upstream = f"http://{LOCALHOST}:{port}"
+        boto3.client("s3", endpoint_url=upstream).create_bucket(Bucket="flaky")
+        with s3faults.FaultyS3Proxy(upstream) as proxy:
+            os.environ["FUSELLM_S3_ENDPOINT_URL"] = proxy.url
+            for i in range(n):
+                fault = s3faults.random_fault(rng, rng.choice(["GET", "PUT"]))
+                scratch = root / f"s3-{i}"
+                label = (f"s3 {i}: {fault.kind} on {fault.method} {fault.key or 'anything'} "
+                         f"x{fault.times or 'always'}")
+                try:
+                    problem = s3faults.trial_problem(proxy, fault, folder, f"s3://flaky/t{i}",
+                                                     scratch)
+                except Exception as err:  # noqa: BLE001 - a traceback is a failed trial
+                    problem = f"unexpected {type(err).__name__}: {err}"
+                settle(outcome, problem, label, scratch)
+                outcome["faults"].append({"kind": fault.kind, "method": fault.method,
+                                          "key": fault.key, "times": fault.times,
+                                          "recovered": s3faults.should_recover(fault)})
+    return outcome
 
 
 def fuzz(n: int) -> dict:
@@ -225,12 +263,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--kills", type=int, default=0)
     parser.add_argument("--corrupt", type=int, default=0)
     parser.add_argument("--run-kills", type=int, default=0, help="kills of `fusellm run`")
+    parser.add_argument("--s3", type=int, default=0, help="random object-store faults")
     parser.add_argument("--fuzz", type=int, default=0, help="examples per fuzzed test")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp one)")
     args = parser.parse_args(argv)
-    if not (args.kills or args.corrupt or args.run_kills or args.fuzz):
-        parser.error("give --kills N, --corrupt N, --run-kills N and/or --fuzz N")
+    if not (args.kills or args.corrupt or args.run_kills or args.s3 or args.fuzz):
+        parser.error("give --kills N, --corrupt N, --run-kills N, --s3 N and/or --fuzz N")
     root = args.out or Path(tempfile.mkdtemp(prefix="fusellm-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     result: dict = {"bench": "fault-injection", "seed": args.seed}
@@ -250,6 +289,10 @@ def main(argv: list[str] | None = None) -> dict:
         r = run_kills(root, args.run_kills, args.seed)
         print(f"run-kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
         result["run_kills"] = r
+    if args.s3:
+        r = s3_faults(root, args.s3, args.seed)
+        print(f"object-store faults: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
+        result["s3"] = r
     if args.fuzz:
         r = fuzz(args.fuzz)
         print(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -210,6 +211,9 @@ class TrackingConfig(_Section):
     `local`); `lower_is_better` defaults to what the suite declares.
     """
 
+    # A mistyped tracking URI may carry a password: keep inputs out of validation errors.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     experiment: str = Field(
         "fusellm", title="Experiment", description="MLflow experiment the fusion run goes to"
     )
@@ -239,6 +243,17 @@ class TrackingConfig(_Section):
     register_model: bool = Field(
         True, title="Register the model", description="log and register the fused model"
     )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        """A config is logged and shown in the Prefect UI's form: no password may be in it."""
+        if uri and "@" in urlsplit(uri).netloc:
+            raise ValueError(
+                "carries credentials; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+                "(or MLFLOW_TRACKING_TOKEN) in the environment instead"
+            )
+        return uri
 
 
 class PlanningConfig(_Section):

@@ -29,6 +29,7 @@ import shlex
 import sys
 from pathlib import Path
 from typing import NamedTuple
+from urllib.parse import urlsplit, urlunsplit
 
 HOME_ENV = "FUSELLM_HOME"
 DEFAULT_HOME = ".fusellm"
@@ -90,6 +91,9 @@ def tracking_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": sqlite_uri(home / MLFLOW_DB),
         # Job execution starts several worker processes (~2 GB) the local UI does not need.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        # MLflow prints "View run ... at <tracking URI>" with any password the URI holds; our
+        # own links (`mlflow_ui_url`) leave credentials out.
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
         **TELEMETRY_OFF,
     }
 
@@ -141,15 +145,24 @@ def logs_dir(path: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def without_credentials(url: str) -> str:
+    """`url` without its user:password@ part: links are printed, logged and stored in MLflow
+    and Prefect, so they never carry the credentials a tracking or API URL may hold."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 def mlflow_ui_url() -> str:
     """The MLflow UI to link to: `$FUSELLM_MLFLOW_UI_URL`, else the tracking server itself, else
     where `fusellm ui` serves the embedded store."""
     chosen = os.environ.get(MLFLOW_UI_ENV)
     if chosen:
-        return chosen.rstrip("/")
+        return without_credentials(chosen.rstrip("/"))
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking.startswith(("http://", "https://")):
-        return tracking.rstrip("/")
+        return without_credentials(tracking.rstrip("/"))
     return f"http://{LOCALHOST}:{MLFLOW_PORT}"
 
 
@@ -158,10 +171,10 @@ def prefect_ui_url() -> str:
     `fusellm ui` serves the embedded database (what the ephemeral API writes to)."""
     chosen = os.environ.get("PREFECT_UI_URL")
     if chosen:
-        return chosen.rstrip("/")
+        return without_credentials(chosen.rstrip("/"))
     api = os.environ.get("PREFECT_API_URL", "").rstrip("/")
     if api.startswith(("http://", "https://")):
-        return api.removesuffix("/api")
+        return without_credentials(api.removesuffix("/api"))
     return f"http://{LOCALHOST}:{PREFECT_PORT}"
 
 

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
 
-from fusellm.io.uris import MissingLocalPath
+from fusellm.io.uris import NotThere
 from fusellm.stages.base import Artifact, Unit, UnitPool
 from fusellm.stages.pipeline import Executor, MlflowTracker
 
@@ -29,8 +29,9 @@ NETWORK_STEPS = {"resolve-sources", "fetch-model"}
 
 
 def worth_retrying(task, task_run, state) -> bool:
-    """A network step fails for a moment; a path that does not exist fails every time."""
-    return not isinstance(state.result(raise_on_failure=False), MissingLocalPath)
+    """A network step fails for a moment; a path or an S3 key that holds nothing fails every
+    time."""
+    return not isinstance(state.result(raise_on_failure=False), NotThere)
 
 
 @task(cache_policy=NO_CACHE)

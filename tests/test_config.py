@@ -89,6 +89,17 @@ def test_credentials_never_echoed_in_errors(tmp_path):
     assert "corpus.uri" in str(info.value)
 
 
+def test_a_tracking_uri_with_a_password_is_refused_without_echoing_it(tmp_path):
+    """Configs are logged and shown in the Prefect UI's form: credentials go in the
+    environment (MLFLOW_TRACKING_USERNAME / _PASSWORD)."""
+    data = {**MINIMAL, "tracking": {"tracking_uri": "https://fusellm:hunter2@mlflow.example"}}
+    with pytest.raises(FusionConfigError) as info:
+        load_fusion_config(_write(tmp_path, data))
+    assert "hunter2" not in str(info.value)
+    assert "tracking.tracking_uri" in str(info.value)
+    assert "MLFLOW_TRACKING_PASSWORD" in str(info.value)
+
+
 def test_schema_is_a_form_and_round_trips():
     """The Prefect UI renders the JSON schema; a dumped config loads back to the same value."""
     schema = FusionConfig.model_json_schema()

@@ -181,6 +181,106 @@ def test_fusion_from_s3_tracked_in_mlflow_server(servers, s3_fusion):
     assert "Completed" in names.values()
 
 
+PLANTED_PASSWORD = "planted-mlflow-pw-5e3c1d"  # in the tracking URI of the environment
+PLANTED_HF_TOKEN = "hf_PlantedToken0123456789abcdef"
+
+
+def _prefect_records(url: str) -> list[tuple[str, str]]:
+    """(where, text) of everything the Prefect server shows: flow-run parameters, logs."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as c:
+            runs = await c.read_flow_runs()
+            logs = await c.read_logs()
+            task_runs = await c.read_task_runs()
+        return (
+            [(f"flow run {r.name} parameters", json.dumps(r.parameters, default=str)) for r in runs]
+            + [(f"flow run {r.name} state", str(r.state)) for r in runs]
+            + [(f"task run {t.name}", t.model_dump_json()) for t in task_runs]
+            + [("Prefect log", entry.message) for entry in logs]
+        )
+
+    with temporary_settings({PREFECT_API_URL: url}):
+        return asyncio.run(read())
+
+
+def _mlflow_records(url: str, dst: Path) -> list[tuple[str, str]]:
+    """(where, text) of everything the MLflow server holds: params, tags, notes, model versions,
+    and every artifact (downloaded from the S3 store behind it)."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(url)
+    found = []
+    experiments = client.search_experiments()
+    for run in client.search_runs([e.experiment_id for e in experiments]):
+        found += [(f"run {run.info.run_id} params", json.dumps(run.data.params))]
+        found += [(f"run {run.info.run_id} tags", json.dumps(run.data.tags))]
+        folder = dst / run.info.run_id
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, dst_path=str(folder), tracking_uri=url
+        )
+        found += [
+            (f"artifact {p.relative_to(dst)}", p.read_bytes().decode("latin-1"))
+            for p in folder.rglob("*")
+            if p.is_file()
+        ]
+    for version in client.search_model_versions():
+        found += [(f"model version {version.name}/{version.version}", str(dict(version)))]
+    return found
+
+
+def test_planted_secrets_surface_nowhere(servers, s3_fusion, monkeypatch, capfd):
+    """An S3 secret key, a tracking-server password (in MLFLOW_TRACKING_URI) and a Hub token in
+    the environment of a fusion, and of a fusion that fails: none of them appears in the output,
+    the Prefect server (parameters the UI shows, task runs, logs), MLflow (params, tags, notes,
+    model versions, artifacts) or the error message."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from s3server import DUMMY_ENV
+
+    from fusellm_flows.fuse import fuse
+
+    config, _ = s3_fusion
+    host = servers["mlflow_url"].split("://", 1)[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://fusellm:{PLANTED_PASSWORD}@{host}")
+    monkeypatch.setenv("HF_TOKEN", PLANTED_HF_TOKEN)
+    tracking = config.tracking.model_copy(update={"tracking_uri": None, "registered_model": "it-x"})
+    config = config.model_copy(update={"tracking": tracking, "name": "secret-sweep"})
+    broken = config.model_copy(
+        update={"corpus": config.corpus.model_copy(update={"uri": "s3://fusellm-it/missing"})}
+    )
+    storage = servers["root"] / "prefect" / "storage"
+    with temporary_settings(
+        {PREFECT_API_URL: servers["prefect_url"], PREFECT_LOCAL_STORAGE_PATH: storage}
+    ):
+        assert fuse(config)["registration"]["name"] == "it-x"
+        with pytest.raises(Exception) as failed:
+            fuse(broken)
+    assert "missing" in str(failed.value)  # the failure it was meant to be
+
+    out, err = capfd.readouterr()
+    records = [("stdout", out), ("stderr", err), ("error", f"{failed.value!r} {failed.value}")]
+    records += _prefect_records(servers["prefect_url"])
+    records += _mlflow_records(servers["mlflow_url"], servers["root"] / "sweep")
+    records += [
+        (f"Prefect result {p.name}", p.read_bytes().decode("latin-1"))
+        for p in storage.rglob("*")
+        if p.is_file()
+    ]
+    secrets = [PLANTED_PASSWORD, PLANTED_HF_TOKEN, DUMMY_ENV["AWS_SECRET_ACCESS_KEY"]]
+    leaks = [
+        (where, text[max(0, text.index(s) - 200) : text.index(s) + 50])
+        for where, text in records
+        for s in secrets
+        if s in text
+    ]
+    assert leaks == []
+    assert len(records) > 50  # the sweep read what there was to read
+    assert any("secret-sweep" in text for where, text in records if "parameters" in where)
+
+
 async def _deployment_and_logs(flow_run_id, expected: str, timeout: float = 60.0):
     """The deployment, and the flow run's log lines once `expected` arrived (logs are shipped
     in batches, so they may trail the final state by a few seconds)."""

@@ -52,6 +52,9 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
 
     def fails(folder: Path) -> dict:
         (folder / "half.txt").write_text("half")
+        (folder / "sub").mkdir()  # killed half-way through atomic writes: their temporaries
+        (folder / ".stage.json.x1y2.tmp").write_text("{")
+        (folder / "sub" / ".manifest.json.z3.tmp").write_text("[")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
@@ -66,7 +69,8 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
 
     first = build_stage(tmp_path, "s", "k1", works)
     again = build_stage(tmp_path, "s", "k1", works)
-    assert calls == [["half.txt"]]
+    assert calls == [["half.txt", "sub"]]  # the dead writes are gone, the work is kept
+    assert not list((tmp_path / "s" / "k1").rglob("*.tmp"))
     assert first.path == again.path == tmp_path / "s" / "k1"
     assert again.info == {"n": 1} and (again.path / "out.txt").read_text() == "ok"
     assert not list((tmp_path / "s").glob(".*partial"))

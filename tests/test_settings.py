@@ -167,6 +167,16 @@ def test_flows_apply_the_tracking_defaults_and_leave_prefect_alone(clean_env, tm
     assert settings.apply_tracking_defaults()["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
 
 
+def test_ui_links_never_carry_credentials(clean_env):
+    """Links are printed, logged, and stored in MLflow notes and Prefect logs."""
+    clean_env.setenv("MLFLOW_TRACKING_URI", "https://fusellm:hunter2@mlflow.example:8443")
+    clean_env.setenv("PREFECT_API_URL", "http://token@10.0.0.2:4200/api")
+    for name in (settings.MLFLOW_UI_ENV, "PREFECT_UI_URL"):
+        clean_env.delenv(name, raising=False)
+    assert settings.mlflow_ui_url() == "https://mlflow.example:8443"
+    assert settings.prefect_ui_url() == "http://10.0.0.2:4200"
+
+
 def test_ui_urls_follow_the_servers_in_use(clean_env):
     for name in (settings.MLFLOW_UI_ENV, "PREFECT_UI_URL", "PREFECT_API_URL"):
         clean_env.delenv(name, raising=False)

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from fusellm.train.checkpoint import LATEST, STATE, TAG, _prune, checkpoint_name, latest_checkpoint
+from fusellm.train.checkpoint import (
+    LATEST,
+    STATE,
+    SUMS,
+    TAG,
+    _prune,
+    checkpoint_name,
+    file_sums,
+    latest_checkpoint,
+)
 from fusellm.train.config import TrainConfig, TrainConfigError
 from fusellm.train.engine import check_resume, deepspeed_config
 
@@ -16,6 +25,8 @@ def _fake_checkpoint(root, step, config: TrainConfig, world_size=1):
     (path / TAG).mkdir(parents=True)
     state = {"step": step, "world_size": world_size, "config": config.model_dump(mode="json")}
     (path / STATE).write_text(json.dumps(state))
+    (path / TAG / "model_states.pt").write_bytes(bytes(range(256)) * step)
+    (path / SUMS).write_text(json.dumps(file_sums(path)))
     (root / LATEST).write_text(path.name + "\n")
     return path
 
@@ -28,6 +39,28 @@ def test_latest_pointer(tmp_path):
     (tmp_path / LATEST).write_text("step-00000099\n")  # names a folder that never completed
     with pytest.raises(RuntimeError, match=r"latest: names 'step-00000099'"):
         latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_intact_one(tmp_path, how, caplog):
+    cfg = TrainConfig(global_batch=8, micro_batch=2)
+    first, second, third = (_fake_checkpoint(tmp_path, s, cfg) for s in (4, 8, 12))
+    victim = third / TAG / "model_states.pt"
+    data = bytearray(victim.read_bytes())
+    if how == "flip":
+        data[100] ^= 0x01
+        victim.write_bytes(bytes(data))
+    elif how == "truncate":
+        victim.write_bytes(bytes(data[:-1]))
+    else:
+        victim.unlink()
+    assert latest_checkpoint(tmp_path) == second
+    assert "model_states.pt" in caplog.text and str(third) in caplog.text
+    (second / STATE).write_text("{}")  # damaged too: back to the first
+    assert latest_checkpoint(tmp_path) == first
+    (first / SUMS).write_text("not json")
+    assert latest_checkpoint(tmp_path) is None  # nothing intact: start over
+    assert "starts over" in caplog.text
 
 
 def test_prune_keeps_the_newest_and_drops_dead_saves(tmp_path):

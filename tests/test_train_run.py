@@ -174,7 +174,16 @@ def _kill_and_resume(root: Path, procs: int, reference: Path, out: Path) -> None
     junk = ckpts / ".tmp-step-00000012" / "ds"
     junk.mkdir(parents=True)
     (junk / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
-    _ok(_cli(root, procs, out, gradient_checkpointing=procs == 1))
+    # and the newest checkpoint was damaged on disk: resuming passes over it to step 4
+    victim = max(
+        (p for p in (ckpts / "step-00000008").rglob("*.pt")), key=lambda p: p.stat().st_size
+    )
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    resumed = _cli(root, procs, out, gradient_checkpointing=procs == 1)
+    _ok(resumed)
+    assert f"{victim.name} does not match its sha256" in resumed.stdout + resumed.stderr
     _assert_equal_weights(reference / "model", out / "model")
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-00000008", "step-00000012"]
 

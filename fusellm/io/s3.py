@@ -4,6 +4,13 @@ Downloads are multipart, written to a temporary name, verified (size, ETag, the 
 checksums, the upload manifest's SHA-256: `verify_object`) and renamed, and resumable at object
 granularity (`fetch_s3`). `upload_dir` writes files first and its manifest last, so readers never
 take a half-uploaded folder for a complete one. boto3 reads credentials from the environment.
+
+A flaky store is retried, then named: every request is retried with exponential backoff on
+500/503/SlowDown, dropped connections and timeouts (botocore's standard mode; transfers also
+retry a body cut off mid-way), up to FUSELLM_S3_MAX_ATTEMPTS attempts (default 5), each waiting
+at most FUSELLM_S3_TIMEOUT seconds (default 60) for the server. A downloaded object that fails
+verification is downloaded once more. What still fails raises a SourceError naming the object
+and how many attempts were made; nothing partial is kept, renamed into place or listed.
 """
 
 from __future__ import annotations
@@ -15,19 +22,30 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from fusellm.io.files import sha256_file, write_json_atomic
-from fusellm.io.uris import S3URI, SourceError, mask_credentials, parse_uri
+from fusellm.io.uris import S3URI, MissingObject, SourceError, mask_credentials, parse_uri
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "fusellm-manifest.json"  # written last by upload_dir: readers trust what it lists
 FETCH_STATE = ".fusellm-fetch.json"  # local record of fetched objects, for resuming
 MiB = 2**20
+
+
+def max_attempts() -> int:
+    """Attempts per S3 request (the first one included): FUSELLM_S3_MAX_ATTEMPTS, default 5."""
+    return max(1, int(os.environ.get("FUSELLM_S3_MAX_ATTEMPTS", "5")))
+
+
+def timeout_s() -> float:
+    """Seconds to wait for a connection or for the server's next bytes: FUSELLM_S3_TIMEOUT."""
+    return float(os.environ.get("FUSELLM_S3_TIMEOUT", "60"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +79,11 @@ def s3_client(endpoint_url: str | None = None):
     return boto3.session.Session(botocore_session=session).client(
         "s3",
         endpoint_url=s3_endpoint(endpoint_url),
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}),
+        config=Config(
+            retries={"max_attempts": max_attempts(), "mode": "standard"},
+            connect_timeout=min(timeout_s(), 10.0),
+            read_timeout=timeout_s(),
+        ),
     )
 
 
@@ -79,7 +101,10 @@ def transfer_config(threshold: int | None = None, chunk: int | None = None):
     threshold = threshold or int(os.environ.get("FUSELLM_S3_MULTIPART_THRESHOLD", 64 * MiB))
     chunk = chunk or int(os.environ.get("FUSELLM_S3_MULTIPART_CHUNK", 16 * MiB))
     return TransferConfig(
-        multipart_threshold=threshold, multipart_chunksize=chunk, max_concurrency=4
+        multipart_threshold=threshold,
+        multipart_chunksize=chunk,
+        max_concurrency=4,
+        num_download_attempts=max_attempts(),  # a body cut off mid-way is fetched again
     )
 
 
@@ -101,10 +126,21 @@ def _s3_error(err, what: str) -> SourceError:
             f"{what}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE) in the environment"
         )
-    error = getattr(err, "response", {}).get("Error", {})
+    from boto3.exceptions import RetriesExceededError
+
+    if isinstance(err, RetriesExceededError):  # a transfer's body kept being cut off
+        last = err.last_exception
+        detail = mask_credentials(f"{type(last).__name__}: {last}")
+        return SourceError(f"{what}: S3 error {detail} (after {max_attempts()} attempts)")
+    response = getattr(err, "response", None) or {}
+    error = response.get("Error", {})
     detail = f"{error.get('Code', '')}: {error.get('Message', '')}" if error else str(err)
     detail = mask_credentials(detail)
-    return SourceError(f"{what}: S3 error {detail} ({type(err).__name__})")
+    attempts = response.get("ResponseMetadata", {}).get("RetryAttempts")
+    tries = f", after {attempts + 1} attempts" if attempts else ""
+    if not error:  # a connection or timeout failure: botocore retried it max_attempts times
+        tries = f", after {max_attempts()} attempts"
+    return SourceError(f"{what}: S3 error {detail} ({type(err).__name__}{tries})")
 
 
 def list_s3(
@@ -117,6 +153,7 @@ def list_s3(
     upload in progress are not seen) and each carries its SHA-256; `require_manifest` makes a
     folder without one an error (for artifacts this project wrote: no manifest = incomplete).
     """
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = client or s3_client(endpoint_url)
@@ -147,9 +184,9 @@ def list_s3(
                     )
                 )
         if not objects:
-            raise SourceError(f"{uri}: no object with this key and nothing under this prefix")
+            raise MissingObject(f"{uri}: no object with this key and nothing under this prefix")
         sums = _manifest_sums(client, uri.bucket, objects)
-    except (ClientError, BotoCoreError) as err:
+    except (ClientError, BotoCoreError, Boto3Error) as err:
         raise _s3_error(err, f"listing {uri}") from None
     if sums is None:
         if require_manifest:
@@ -173,11 +210,37 @@ def _manifest_sums(client, bucket: str, objects: list[S3Object]) -> dict[str, st
     entry = next((o for o in objects if o.name == MANIFEST), None)
     if entry is None:
         return None
-    body = client.get_object(Bucket=bucket, Key=entry.key)["Body"].read()
+    body = read_object(client, bucket, entry.key)
     try:
         return {f["path"]: f["sha256"] for f in json.loads(body)["files"]}
     except (ValueError, KeyError, TypeError):
         raise SourceError(f"s3://{bucket}/{entry.key}: malformed manifest") from None
+
+
+def read_object(client, bucket: str, key: str) -> bytes:
+    """A small object's bytes; a body cut off mid-way is read again (botocore retries the
+    request, not the reading of its body)."""
+    from botocore.exceptions import (
+        FlexibleChecksumError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    for attempt in range(max_attempts()):
+        try:
+            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except (
+            ResponseStreamingError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            FlexibleChecksumError,
+            ConnectionError,
+        ):
+            if attempt + 1 == max_attempts():
+                raise
+            time.sleep(min(0.2 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
 
 
 def listing_hash(objects: list[S3Object]) -> str:
@@ -321,6 +384,7 @@ def fetch_s3(
     an interrupted fetch resumes at the first missing object (an object cut off mid-way is
     downloaded again from its start). Local files of objects that vanished from S3 are removed.
     """
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     client = client or s3_client(endpoint_url)
@@ -342,16 +406,10 @@ def fetch_s3(
             bar.update(obj.size)
             continue
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
         try:
-            checks = server_checks(client, uri.bucket, obj)
-            client.download_file(uri.bucket, obj.key, str(tmp), Config=config, Callback=bar.update)
-            verify_object(tmp, obj, checks)
-            os.replace(tmp, dest)
-        except (ClientError, BotoCoreError) as err:
+            _download(client, uri.bucket, obj, dest, config, bar)
+        except (ClientError, BotoCoreError, Boto3Error) as err:
             raise _s3_error(err, f"downloading s3://{uri.bucket}/{obj.key}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         state[obj.name] = {"etag": obj.etag, "size": obj.size, "mtime_ns": dest.stat().st_mtime_ns}
         write_json_atomic(state_path, state)
         log.info("fetched s3://%s/%s (%d bytes)", uri.bucket, obj.key, obj.size)
@@ -359,6 +417,28 @@ def fetch_s3(
     if len(objects) == 1 and objects[0].key == uri.key:
         return _local_path(folder, objects[0].name)
     return folder
+
+
+def _download(client, bucket: str, obj: S3Object, dest: Path, config, bar) -> None:
+    """Download to a temporary name, verify, rename; a copy that fails verification (damaged
+    in transit) is downloaded once more before the failure is reported."""
+    from botocore.exceptions import FlexibleChecksumError
+
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    try:
+        for attempt in (1, 2):
+            try:
+                checks = server_checks(client, bucket, obj)
+                client.download_file(bucket, obj.key, str(tmp), Config=config, Callback=bar.update)
+                verify_object(tmp, obj, checks)
+                break
+            except (SourceError, FlexibleChecksumError) as err:
+                if attempt == 2:
+                    raise SourceError(f"{err} (downloaded twice)") from None
+                log.warning("%s; downloading it again", err)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _bytes_bar(desc: str, total: int):
@@ -415,6 +495,7 @@ def upload_dir(
     manifest listing each file's size and SHA-256 is written last. `fetch_s3` and `list_s3` only
     trust files the manifest lists. Returns the manifest.
     """
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     local_dir = Path(local_dir)
@@ -431,15 +512,18 @@ def upload_dir(
     config = transfer_config()
     entries = []
     bar = _bytes_bar(f"upload {s3_uri}", sum(p.stat().st_size for p in files))
+    what = f"uploading {local_dir} to {s3_uri}"
     try:
         client.delete_object(Bucket=uri.bucket, Key=prefix + MANIFEST)
         for path in files:
             name = path.relative_to(local_dir).as_posix()
+            what = f"uploading {path} to s3://{uri.bucket}/{prefix}{name}"
             sha = sha256_file(path)
             client.upload_file(
                 str(path), uri.bucket, prefix + name, Config=config, Callback=bar.update
             )
             entries.append({"path": name, "size": path.stat().st_size, "sha256": sha})
+        what = f"uploading the manifest of {s3_uri}"
         manifest = {"files": entries}
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         client.put_object(
@@ -449,8 +533,8 @@ def upload_dir(
             ContentType="application/json",
             ContentMD5=base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode(),
         )
-    except (ClientError, BotoCoreError) as err:
-        raise _s3_error(err, f"uploading {local_dir} to {s3_uri}") from None
+    except (ClientError, BotoCoreError, Boto3Error) as err:
+        raise _s3_error(err, f"{what} (the folder stays incomplete: no {MANIFEST})") from None
     finally:
         bar.close()
     return manifest

@@ -21,8 +21,16 @@ class SourceError(ValueError):
     """A source cannot be parsed, found, fetched or verified; the message says which and why."""
 
 
-class MissingLocalPath(SourceError):
-    """A local path a config names does not exist: asking again will not help (no retry)."""
+class NotThere(SourceError):
+    """What a config names does not exist: asking again will not help (no retry)."""
+
+
+class MissingLocalPath(NotThere):
+    """A local path a config names does not exist."""
+
+
+class MissingObject(NotThere):
+    """An S3 key or prefix a config names holds nothing (the store answered: not a failure)."""
 
 
 # ---------------------------------------------------------------------------------------------

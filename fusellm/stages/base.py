@@ -155,6 +155,15 @@ def _stage_folder_of(path: Path, workdir: Path) -> Path | None:
     return folder if (folder / STAGE_FILE).is_file() else None
 
 
+def _drop_dead_writes(partial: Path) -> None:
+    """Delete the temporary files (`fusellm.io.files` names them ``.<name>.<random>.tmp``) a
+    killed build left in the partial folder it hands on: under the key's lock no one else
+    writes there, and the folder must not carry them into its finished place."""
+    for leftover in partial.rglob(".*.tmp"):
+        if leftover.is_file():
+            leftover.unlink()
+
+
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:
     """Return the finished folder for (stage, key), building it first if it does not exist.
 
@@ -178,6 +187,7 @@ def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dic
             )
         partial = final.with_name(f".{key}.partial")
         partial.mkdir(exist_ok=True)
+        _drop_dead_writes(partial)
         started = time.perf_counter()
         try:
             info = build(partial) or {}

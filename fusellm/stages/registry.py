@@ -9,6 +9,7 @@ from pathlib import Path
 from fusellm.config import FusionConfig
 from fusellm.io.files import write_json_atomic
 from fusellm.io.fingerprint import sha256_json
+from fusellm.settings import without_credentials
 from fusellm.stages.base import Artifact, Unit, stage_key
 
 
@@ -21,7 +22,7 @@ def register_key(fused: Artifact, scores: dict[str, float] | None, config: Fusio
         model=fused.key,
         scores=scores,
         name=config.tracking.registered_model,
-        registry=mlflow.get_registry_uri(),
+        registry=without_credentials(mlflow.get_registry_uri()),  # a password may be rotated
         primary_suite=config.primary_suite,
         lower_is_better=config.lower_is_better(),
     )

@@ -79,7 +79,7 @@ def kill_while_building(
             return False
         if time.monotonic() > deadline:
             break
-        time.sleep(0.05)
+        time.sleep(0.01)
     try:
         proc.wait(timeout=delay)
         return False

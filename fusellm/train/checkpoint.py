@@ -6,6 +6,7 @@ Layout under `<output>/checkpoints/`:
     step-00000010/rng-rank0.pt  RNG states of each rank (torch, CUDA, numpy, python)
     step-00000010/trainer_state.json   step, world size, config (read before a resume builds
                                        anything, so an incompatible resume fails at once)
+    step-00000010/files.json    sha256 of every other file, written last
     latest                      name of the newest complete checkpoint
 
 A checkpoint is written into `.tmp-step-...` by all ranks, then renamed by rank 0 once every
@@ -13,16 +14,22 @@ rank is done, then `latest` is replaced atomically, then old ones are pruned. A 
 moment leaves `latest` naming a complete checkpoint (or no `latest` at all); leftover temporary
 folders are ignored and removed by the next save. The data position needs no file: the order is
 a function of the step (`fusellm.train.data.DataOrder`), which DeepSpeed's client state holds.
+A resume checks the checkpoint against `files.json` first: a damaged one (a flipped byte, a
+truncated or missing file) is passed over, with a warning naming the file, for the newest
+earlier checkpoint that is intact, or a start from step 0; the weights still end equal.
 This layout assumes a filesystem shared by all ranks (one node, or NFS/Lustre across nodes).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +41,8 @@ from fusellm.io.files import write_text_atomic
 TAG = "ds"
 LATEST = "latest"
 STATE = "trainer_state.json"
+SUMS = "files.json"
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -66,7 +75,11 @@ def set_rng_state(state: dict) -> None:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    """The folder `latest` names, or None when no checkpoint was completed."""
+    """The newest intact checkpoint up to the one `latest` names, or None to start over.
+
+    Damaged checkpoints are passed over with a warning, not deleted: every rank calls this, and
+    the next save of the same step replaces the folder anyway.
+    """
     pointer = Path(root) / LATEST
     if not pointer.exists():
         return None
@@ -74,7 +87,52 @@ def latest_checkpoint(root: Path) -> Path | None:
     path = Path(root) / name
     if not _NAME.match(name) or not (path / TAG).is_dir() or not (path / STATE).is_file():
         raise RuntimeError(f"{pointer}: names {name!r}, which is not a complete checkpoint")
-    return path
+    earlier = sorted((p for p in Path(root).iterdir() if _NAME.match(p.name) and p.name < name),
+                     reverse=True)  # fmt: skip
+    for candidate in [path, *earlier]:
+        problem = damage(candidate)
+        if problem is None:
+            return candidate
+        log.warning(
+            "checkpoint %s is damaged (%s): resuming from an earlier one", candidate, problem
+        )
+    log.warning("no intact checkpoint under %s: training starts over from step 0", root)
+    return None
+
+
+def file_sums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` but SUMS, hashed on several threads (hashlib lets go
+    of the GIL): a checkpoint is read once more at save time, at disk speed."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != SUMS)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(_sha256, files)
+    return {p.relative_to(folder).as_posix(): d for p, d in zip(files, digests, strict=True)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def damage(path: Path) -> str | None:
+    """What no longer matches the sums written with the checkpoint (None: intact, or written
+    before checkpoints carried sums)."""
+    try:
+        recorded = json.loads((Path(path) / SUMS).read_text())
+    except FileNotFoundError:
+        return None if (Path(path) / STATE).is_file() else f"{STATE} is missing"
+    except ValueError:
+        return f"{SUMS} is unreadable"
+    present = file_sums(path)
+    for name, digest in recorded.items():
+        if name not in present:
+            return f"{name} is missing"
+        if present[name] != digest:
+            return f"{name} does not match its sha256"
+    return None
 
 
 def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep: int) -> Path:
@@ -92,6 +150,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep: int
     _barrier()
     if rank == 0:
         (tmp / STATE).write_text(json.dumps(client_state, indent=2, sort_keys=True))
+        (tmp / SUMS).write_text(json.dumps(file_sums(tmp), indent=1, sort_keys=True))
         shutil.rmtree(final, ignore_errors=True)  # a rerun past a step whose pointer was lost
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, name + "\n")
