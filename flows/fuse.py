@@ -24,6 +24,7 @@ from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults, prefect_ui_url
 from fusellm.stages import pipeline
 from fusellm.stages.registry import write_record
+from fusellm_flows.dispatch import run_stage_deployments
 from fusellm_tasks.stages import PrefectExecutor
 
 
@@ -67,6 +68,8 @@ def fuse(config: FusionConfig) -> dict:
         tags={"fusellm.flow_run": title},
     ) as run_id:
         tracking.log_fusion_inputs(config)
+        if config.execution == "deployments":  # the heavy stages where their pools put them
+            run_stage_deployments(config)
         done = pipeline.walk(config, ex)
         registration = done.registration.info if done.registration else None
         links = _links(run_id, registration)

@@ -455,6 +455,14 @@ class FusionConfig(BaseModel):
         title="Work folder",
         description="content-addressed stage outputs, relative to the config file",
     )
+    execution: Literal["in-process", "deployments"] = Field(
+        "in-process",
+        title="Execution",
+        description="in-process: the fuse flow runs every stage itself; deployments: it runs "
+        "prepare, extract, align-fuse and train as runs of their deployments, each on its "
+        "work pool (extraction and training on the GPU pool; infra/README.md), which must "
+        "share the work folder",
+    )
 
     @field_validator("sources")
     @classmethod

@@ -301,10 +301,10 @@ async def _deployment_and_logs(flow_run_id, expected: str, timeout: float = 60.0
             await asyncio.sleep(1.0)
 
 
-def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
+@pytest.fixture(scope="module")
+def deployed(servers, s3_fusion):
+    """Every deployment of infra/prefect.yaml deployed with `prefect deploy`, and a `process`
+    worker on each pool (the GPU stages' pool: any type will do here)."""
     _, config_path = s3_fusion
     root = servers["root"]
     env = {
@@ -313,9 +313,11 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
         **servers["prefect_env"],
         "FUSELLM_PROJECT_DIR": str(REPO),
         "FUSELLM_CONFIG": str(config_path),
+        "FUSELLM_HOME": str(root / "worker-home"),
+        "MLFLOW_TRACKING_URI": servers["mlflow_url"],
     }
     cli = str(BIN / "prefect")
-    for pool in ("fusellm-cpu", "fusellm-gpu"):  # the GPU stages' pool: any type will do here
+    for pool in ("fusellm-cpu", "fusellm-gpu"):
         created = subprocess.run(
             [cli, "work-pool", "create", pool, "--type", "process"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
@@ -326,15 +328,27 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
         env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    worker = _start([cli, "worker", "start", "--pool", "fusellm-cpu"], env, root / "worker.log")
+    workers = [
+        _start([cli, "worker", "start", "--pool", pool], env, root / f"worker-{pool}.log")
+        for pool in ("fusellm-cpu", "fusellm-gpu")
+    ]
     try:
-        with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
-            run = run_deployment("refusion/refusion", timeout=400)
-            deployment, deployments, messages = asyncio.run(
-                _deployment_and_logs(run.id, "nothing to do")
-            )
+        yield root
     finally:
-        _stop(worker)
+        for worker in workers:
+            _stop(worker)
+
+
+def test_refusion_deployed_and_run_by_a_process_worker(servers, deployed):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root = deployed
+    with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
+        run = run_deployment("refusion/refusion", timeout=400)
+        deployment, deployments, messages = asyncio.run(
+            _deployment_and_logs(run.id, "nothing to do")
+        )
     assert {d.name for d in deployments} == {
         "fuse",
         "refusion",
@@ -344,8 +358,56 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, s3_fusion):
         "train",
     }
     assert {d.name: d.work_pool_name for d in deployments}["train"] == "fusellm-gpu"
-    assert run.state.is_completed(), (run.state, (root / "worker.log").read_text()[-3000:])
+    worker_log = (root / "worker-fusellm-cpu.log").read_text()[-3000:]
+    assert run.state.is_completed(), (run.state, worker_log)
     assert deployment.parameters.get("config_path") is None  # read where it runs: the worker's
     # FUSELLM_CONFIG names the S3 fusion, whose last run is recorded: "nothing to do" below
     assert deployment.schedules and deployment.schedules[0].schedule.cron == "0 3 * * 1"
     assert any("nothing to do" in m for m in messages), messages
+
+
+def test_execution_deployments_runs_each_stage_on_its_pool(servers, s3_fusion, deployed):
+    """`execution: deployments`: `fuse` runs prepare, extract, align-fuse and train as runs of
+    their deployments, picked up by the workers of their pools (extract and train: the GPU
+    pool), as children of its own run; it then finds them done and evaluates and registers."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    from fusellm_flows.fuse import fuse
+
+    config, _ = s3_fusion
+    config = config.model_copy(
+        update={"execution": "deployments", "name": "dispatched", "workdir": deployed / "dwork"}
+    )
+    storage = servers["root"] / "prefect" / "storage"
+    with temporary_settings(
+        {PREFECT_API_URL: servers["prefect_url"], PREFECT_LOCAL_STORAGE_PATH: storage}
+    ):
+        summary = fuse(config)
+
+        async def runs():
+            async with get_client() as c:
+                deployments = {d.id: d.name for d in await c.read_deployments()}
+                return [(deployments.get(r.deployment_id), r) for r in await c.read_flow_runs()]
+
+        flow_runs = asyncio.run(runs())
+    dispatched = {
+        name: run
+        for name, run in flow_runs
+        if name in ("prepare", "extract", "align-fuse", "train")
+        and run.parameters.get("config", {}).get("name") == "dispatched"
+    }
+    assert set(dispatched) == {"prepare", "extract", "align-fuse", "train"}
+    assert all(run.state.is_completed() for run in dispatched.values())
+    assert {n: r.work_pool_name for n, r in dispatched.items()} == {
+        "prepare": "fusellm-cpu",
+        "extract": "fusellm-gpu",
+        "align-fuse": "fusellm-cpu",
+        "train": "fusellm-gpu",
+    }
+    assert all(run.parent_task_run_id for run in dispatched.values())  # children of fuse
+    states = summary["states"]  # fuse itself found every stage up to training done
+    for stage in ("pieces", "extract", "fuse", "train"):
+        assert set(states[stage]) == {"Cached"}, (stage, states[stage])
+    assert "Completed" in states["register"]
+    assert (deployed / "dwork" / "train").is_dir()

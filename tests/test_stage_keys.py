@@ -93,6 +93,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "tracking.registered_model": ("another-name", {"register"}),
     "tracking.lower_is_better": (False, {"register"}),
     "planning.corpus_tokens": (1e6, set()),
+    "execution": ("deployments", set()),  # where stages run, not what they compute
 }
 
 # field path -> why no single-field case applies
