@@ -399,7 +399,8 @@ _describe_fields(TrainConfig, _TRAINING_FIELDS)
 class FusionConfig(BaseModel):
     """A whole fusion: models, corpus, stage options, training, evaluation and tracking."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of validation errors, which Prefect logs: a URI may carry a credential.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     # The fields below are declared alike on purpose: each a default, a title and a description,
     # which the Prefect form and docs/config.md show.

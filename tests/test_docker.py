@@ -34,10 +34,11 @@ def test_dockerfile_shape(dockerfile):
     text = dockerfile.read_text()
     lines = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert lines[0].startswith("ARG BASE=") and lines[1].startswith("FROM ${BASE}")
-    assert re.search(r"^USER 10001$", text, re.M)  # never root at run time
+    assert re.search(r"^USER 10001$", text, re.MULTILINE)  # never root at run time
     assert 'ENTRYPOINT ["fusellm"]' in text
-    order = [text.index(s) for s in ('"$TORCH_SPEC"', "COPY fusellm/", '"/opt/fusellm[all]"')]
-    assert order == sorted(order)  # torch, then sources, then the project: layers cache
+    steps = ('"$TORCH_SPEC"', "-r /tmp/requirements.txt", "COPY fusellm/", "--no-deps /opt/fusellm")
+    order = [text.index(s) for s in steps]
+    assert order == sorted(order)  # torch, the dependencies, then the sources: layers cache
     assert "fusellm version" in text  # the image proves it works before it is tagged
 
 
@@ -47,6 +48,22 @@ def test_the_cuda_image_checks_its_toolkit_in_a_stage_of_its_own():
     checked = text[text.index("FROM app AS checked") :]
     assert "nvcc --version" in checked and "torch.version.cuda" in checked
     assert "import torch, transformers, deepspeed" in text
+
+
+def test_requirements_come_from_pyproject(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(REPO / "docker" / "requirements.py"), str(REPO / "pyproject.toml"),
+         "train", "orchestration"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert "torch>=2.2" in out and "prefect>=3.2" in out and "deepspeed>=0.15" in out
+    assert not any(r.startswith("pytest") for r in out)  # dev tools stay out of images
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "docker" / "requirements.py"), str(REPO / "pyproject.toml"),
+         "nope"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "no extra named nope" in bad.stderr
 
 
 def test_build_context_leaves_out_what_images_do_not_need():

@@ -55,6 +55,8 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
         (folder / "sub").mkdir()  # killed half-way through atomic writes: their temporaries
         (folder / ".stage.json.x1y2.tmp").write_text("{")
         (folder / "sub" / ".manifest.json.z3.tmp").write_text("[")
+        (folder / "sub" / ".shard-00001.safetensors.tmp-4242").write_bytes(b"half a shard")
+        (folder / ".map.npz.tmp-4242.npz").write_bytes(b"half a map")
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
@@ -70,7 +72,7 @@ def test_build_stage_is_atomic_and_runs_once(tmp_path):
     first = build_stage(tmp_path, "s", "k1", works)
     again = build_stage(tmp_path, "s", "k1", works)
     assert calls == [["half.txt", "sub"]]  # the dead writes are gone, the work is kept
-    assert not list((tmp_path / "s" / "k1").rglob("*.tmp"))
+    assert not [p for p in (tmp_path / "s" / "k1").rglob("*") if ".tmp" in p.name]
     assert first.path == again.path == tmp_path / "s" / "k1"
     assert again.info == {"n": 1} and (again.path / "out.txt").read_text() == "ok"
     assert not list((tmp_path / "s").glob(".*partial"))

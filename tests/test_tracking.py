@@ -307,6 +307,13 @@ def test_one_version_per_result_key(store, tiny_dir):
     other = _register_result(name, "k2", tiny_dir, score=0.5)  # a distinct result: a version
     assert other.version == first.version + 1 and other.is_champion
     assert len(MlflowClient().search_model_versions(f"name = '{name}'")) == 2
+    with fusion_run("again") as run_id:  # a run that finds its result registered names it
+        log_and_register_model(
+            tiny_dir, registered_name=name, primary_metric="bpb", scores={"fused": 1.0, "a": 2.0},
+            fused="fused", sources=["a"], lower_is_better=True, result_key="k1",
+        )  # fmt: skip
+    tags = MlflowClient().get_run(run_id).data.tags
+    assert tags["fusellm.registered_version"] == str(first.version)
 
 
 def test_a_half_registered_version_is_finished_not_duplicated(store, tiny_dir):
@@ -321,6 +328,13 @@ def test_a_half_registered_version_is_finished_not_duplicated(store, tiny_dir):
     assert finished.version == first.version and finished.is_champion
     assert _role(name, first.version) == "champion" and _champion(name) == first.version
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    # a run that lost a race and was killed before deleting its version left it unfinished
+    source = client.get_model_version(name, str(first.version)).source
+    client.create_model_version(name, source, tags={tracking.registry.TAG_RESULT: "k"})
+    assert _register_result(name, "k", tiny_dir).version == first.version
+    assert [int(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [
+        first.version
+    ]
 
 
 def test_a_race_for_the_same_result_keeps_the_earlier_version(store, tiny_dir, monkeypatch):
@@ -333,7 +347,7 @@ def test_a_race_for_the_same_result_keeps_the_earlier_version(store, tiny_dir, m
 
     def racing(*args):
         real(*args)  # the other run's version lands first...
-        return real(*args)  # ...then ours
+        return real(*args)  # ...then ours (or a crashed run's, left unfinished)
 
     monkeypatch.setattr(registry, "_log_and_register", racing)
     result = _register_result(name, "k", tiny_dir)

@@ -36,8 +36,10 @@ def test_latest_pointer(tmp_path):
     cfg = TrainConfig(global_batch=8, micro_batch=2)
     first = _fake_checkpoint(tmp_path, 4, cfg)
     assert latest_checkpoint(tmp_path) == first
-    (tmp_path / LATEST).write_text("step-00000099\n")  # names a folder that never completed
-    with pytest.raises(RuntimeError, match=r"latest: names 'step-00000099'"):
+    (tmp_path / LATEST).write_text("step-00000099\n")  # names a folder that is gone
+    assert latest_checkpoint(tmp_path) == first  # passed over for the newest intact one
+    (tmp_path / LATEST).write_text("not-a-step\n")
+    with pytest.raises(RuntimeError, match=r"latest: names 'not-a-step'"):
         latest_checkpoint(tmp_path)
 
 
@@ -56,7 +58,7 @@ def test_a_damaged_checkpoint_is_passed_over_for_an_earlier_intact_one(tmp_path,
         victim.unlink()
     assert latest_checkpoint(tmp_path) == second
     assert "model_states.pt" in caplog.text and str(third) in caplog.text
-    (second / STATE).write_text("{}")  # damaged too: back to the first
+    (second / STATE).unlink()  # damaged too, its state missing: back to the first
     assert latest_checkpoint(tmp_path) == first
     (first / SUMS).write_text("not json")
     assert latest_checkpoint(tmp_path) is None  # nothing intact: start over
@@ -70,6 +72,18 @@ def test_prune_keeps_the_newest_and_drops_dead_saves(tmp_path):
     (tmp_path / ".tmp-step-00000016").mkdir()
     _prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-00000008", "step-00000012"]
+
+
+def test_a_save_after_a_fallback_drops_the_checkpoints_passed_over(tmp_path):
+    """Resumed from step 4 past a damaged step 12: the save of step 8 removes step 12, which
+    would otherwise outrank it and have it pruned (leaving `latest` naming nothing)."""
+    cfg = TrainConfig(global_batch=8, micro_batch=2)
+    for step in (4, 12):
+        _fake_checkpoint(tmp_path, step, cfg)
+    _fake_checkpoint(tmp_path, 8, cfg)  # the save that followed the fallback
+    _prune(tmp_path, keep=1, newest="step-00000008")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LATEST, "step-00000008"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000008"
 
 
 def test_resume_refuses_other_world_size_or_changed_config(tmp_path):

@@ -227,20 +227,24 @@ def read_object(client, bucket: str, key: str) -> bytes:
         ResponseStreamingError,
     )
 
+    cut_off = (
+        ResponseStreamingError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        FlexibleChecksumError,
+        ConnectionError,
+    )
     for attempt in range(max_attempts()):
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]  # retried by botocore
         try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except (
-            ResponseStreamingError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            FlexibleChecksumError,
-            ConnectionError,
-        ):
-            if attempt + 1 == max_attempts():
-                raise
+            return body.read()
+        except cut_off as err:
+            last = err
             time.sleep(min(0.2 * 2**attempt, 5.0))
-    raise AssertionError("unreachable")
+    raise SourceError(
+        f"reading s3://{bucket}/{key}: the body was cut off on each of {max_attempts()} "
+        f"attempts ({type(last).__name__}: {mask_credentials(str(last))})"
+    )
 
 
 def listing_hash(objects: list[S3Object]) -> str:
@@ -288,11 +292,17 @@ class ServerChecks:
     sha256: str | None = None
 
 
+class ObjectChanged(SourceError):
+    """The object was replaced since it was listed: downloading it again will not help."""
+
+
 def server_checks(client, bucket: str, obj: S3Object) -> ServerChecks:
     """Ask the server for the checksums it keeps; refuse an object that changed since listing."""
     head = client.head_object(Bucket=bucket, Key=obj.key, ChecksumMode="ENABLED")
     if head["ETag"].strip('"') != obj.etag:
-        raise SourceError(f"s3 object {obj.key} changed on the server during the fetch; run again")
+        raise ObjectChanged(
+            f"s3://{bucket}/{obj.key} changed on the server during the fetch; run again"
+        )
     encrypted = str(head.get("ServerSideEncryption", "")).startswith("aws:kms") or bool(
         head.get("SSECustomerAlgorithm")
     )
@@ -425,17 +435,18 @@ def _download(client, bucket: str, obj: S3Object, dest: Path, config, bar) -> No
     from botocore.exceptions import FlexibleChecksumError
 
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
+    where = f"s3://{bucket}/{obj.key}"
     try:
         for attempt in (1, 2):
+            checks = server_checks(client, bucket, obj)  # ObjectChanged: no second try
             try:
-                checks = server_checks(client, bucket, obj)
                 client.download_file(bucket, obj.key, str(tmp), Config=config, Callback=bar.update)
                 verify_object(tmp, obj, checks)
                 break
             except (SourceError, FlexibleChecksumError) as err:
                 if attempt == 2:
-                    raise SourceError(f"{err} (downloaded twice)") from None
-                log.warning("%s; downloading it again", err)
+                    raise SourceError(f"downloading {where}: {err} (downloaded twice)") from None
+                log.warning("downloading %s: %s; downloading it again", where, err)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

@@ -156,12 +156,14 @@ def _stage_folder_of(path: Path, workdir: Path) -> Path | None:
 
 
 def _drop_dead_writes(partial: Path) -> None:
-    """Delete the temporary files (`fusellm.io.files` names them ``.<name>.<random>.tmp``) a
-    killed build left in the partial folder it hands on: under the key's lock no one else
-    writes there, and the folder must not carry them into its finished place."""
-    for leftover in partial.rglob(".*.tmp"):
-        if leftover.is_file():
-            leftover.unlink()
+    """Delete the temporary files a killed build left in the partial folder it hands on
+    (``.<name>.<random>.tmp`` of `fusellm.io.files`, ``.<name>.tmp-<pid>...`` of the store and
+    vocabulary writers): under the key's lock no one else writes there, and the folder must not
+    carry them into its finished place."""
+    for pattern in (".*.tmp", ".*.tmp-*"):
+        for leftover in partial.rglob(pattern):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:

@@ -10,6 +10,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from fusellm.settings import without_credentials
 from fusellm.tracking.current import TrackingError
 from fusellm.tracking.registry import CHAMPION
 
@@ -33,7 +34,7 @@ def load_registered(
     except MlflowException as err:
         raise TrackingError(
             f"no version of registered model {name!r} has alias {alias!r} "
-            f"at {mlflow.get_tracking_uri()}: {err.message}"
+            f"at {without_credentials(mlflow.get_tracking_uri())}: {err.message}"
         ) from None
     uri = f"models:/{name}/{version.version}"
     if dst_path is not None:

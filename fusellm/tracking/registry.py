@@ -12,7 +12,7 @@ Registration is idempotent per result: each version carries the key of what it r
 registration. A re-run after a crash finds a version with its key: a finished one is returned
 as it is, a half-registered one (killed before its role was written) is finished, so a result
 never gets two versions; if two runs race to register the same result, the later version is
-deleted in favour of the earlier.
+deleted in favour of the earlier (as is any unfinished later version a crash left).
 """
 
 from __future__ import annotations
@@ -155,21 +155,21 @@ def log_and_register_model(
     run_id = run_id or innermost_fusion() or require_run("log_and_register_model", None)
     client = MlflowClient()
     done = _versions_of(client, registered_name, result_key)
-    if done and done[0].tags.get(TAG_ROLE):
-        return _finished(done[0], primary_metric)
-    if done:  # half-registered by a run that was killed: finish that version
-        number, model_uri = int(done[0].version), done[0].source
-    else:
+    if not done:
         number, model_uri = _log_and_register(
             model_dir, registered_name, primary_metric, checked, fused, sources,
             lower_is_better, artifact_path, trust_remote_code, run_id, result_key,
         )  # fmt: skip
-        first = _versions_of(client, registered_name, result_key)
-        if first and int(first[0].version) != number:  # lost a race: keep the earlier version
-            client.delete_model_version(registered_name, str(number))
-            if first[0].tags.get(TAG_ROLE):
-                return _finished(first[0], primary_metric)
-            number, model_uri = int(first[0].version), first[0].source
+        done = _versions_of(client, registered_name, result_key)
+    if done:  # the earliest version of this result is the one; unfinished later ones go
+        for extra in done[1:]:
+            if not extra.tags.get(TAG_ROLE):
+                client.delete_model_version(registered_name, extra.version)
+        if done[0].tags.get(TAG_ROLE):
+            result = _finished(done[0], primary_metric)
+            _tag_run(result, run_id)
+            return result
+        number, model_uri = int(done[0].version), done[0].source  # half-registered: finish it
     return _decide(
         client, registered_name, number, model_uri, primary_metric, checked, fused, sources,
         lower_is_better, run_id,
@@ -278,12 +278,18 @@ def _decide(
     client.set_model_version_tag(
         registered_name, number, TAG_ROLE, CHAMPION if is_champion else CHALLENGER
     )
+    result = RegistrationResult(registered_name, number, is_champion, reason, model_uri)
+    _tag_run(result, run_id)
+    return result
+
+
+def _tag_run(result: RegistrationResult, run_id: str) -> None:
+    """The fusion run names its version: the run page lists it, even when found registered."""
     set_tags(
         {
-            "fusellm.registered_model": registered_name,
-            "fusellm.registered_version": number,
-            TAG_ROLE: CHAMPION if is_champion else CHALLENGER,
+            "fusellm.registered_model": result.name,
+            "fusellm.registered_version": result.version,
+            TAG_ROLE: CHAMPION if result.is_champion else CHALLENGER,
         },
         run_id=run_id,
     )
-    return RegistrationResult(registered_name, number, is_champion, reason, model_uri)

@@ -19,7 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from fusellm.settings import MLFLOW_ARTIFACTS
+from fusellm.settings import MLFLOW_ARTIFACTS, without_credentials
 from fusellm.tracking.current import TrackingError, innermost_fusion, open_fusion
 from fusellm.tracking.log import log_json
 from fusellm.tracking.redact import clean_tags, flatten_params, redact
@@ -66,7 +66,8 @@ def ensure_experiment(name: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise TrackingError(
-                f"MLflow experiment {name!r} is deleted at {mlflow.get_tracking_uri()}: restore it "
+                f"MLflow experiment {name!r} is deleted at "
+                f"{without_credentials(mlflow.get_tracking_uri())}: restore it "
                 "(`mlflow experiments restore`) or choose another experiment name"
             )
         return found.experiment_id

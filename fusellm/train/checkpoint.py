@@ -85,8 +85,8 @@ def latest_checkpoint(root: Path) -> Path | None:
         return None
     name = pointer.read_text().strip()
     path = Path(root) / name
-    if not _NAME.match(name) or not (path / TAG).is_dir() or not (path / STATE).is_file():
-        raise RuntimeError(f"{pointer}: names {name!r}, which is not a complete checkpoint")
+    if not _NAME.match(name):
+        raise RuntimeError(f"{pointer}: names {name!r}, which is not a checkpoint")
     earlier = sorted((p for p in Path(root).iterdir() if _NAME.match(p.name) and p.name < name),
                      reverse=True)  # fmt: skip
     for candidate in [path, *earlier]:
@@ -120,13 +120,19 @@ def _sha256(path: Path) -> str:
 def damage(path: Path) -> str | None:
     """What no longer matches the sums written with the checkpoint (None: intact, or written
     before checkpoints carried sums)."""
+    for part, is_there in ((TAG, Path.is_dir), (STATE, Path.is_file)):
+        if not is_there(Path(path) / part):
+            return f"{part} is missing"
     try:
         recorded = json.loads((Path(path) / SUMS).read_text())
     except FileNotFoundError:
-        return None if (Path(path) / STATE).is_file() else f"{STATE} is missing"
-    except ValueError:
+        return None
+    except (OSError, ValueError):
         return f"{SUMS} is unreadable"
-    present = file_sums(path)
+    try:
+        present = file_sums(path)
+    except OSError as err:
+        return f"a file cannot be read ({err})"
     for name, digest in recorded.items():
         if name not in present:
             return f"{name} is missing"
@@ -154,13 +160,20 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, keep: int
         shutil.rmtree(final, ignore_errors=True)  # a rerun past a step whose pointer was lost
         os.replace(tmp, final)
         write_text_atomic(root / LATEST, name + "\n")
-        _prune(root, keep)
+        _prune(root, keep, newest=name)
     _barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Drop all but the newest `keep` checkpoints, and temporary folders of dead saves."""
+def _prune(root: Path, keep: int, newest: str | None = None) -> None:
+    """Drop all but the newest `keep` checkpoints, and temporary folders of dead saves.
+
+    `newest`: the checkpoint just saved. Any with a later step is one a resume passed over
+    (damaged) and must go first, or it would outrank, and prune, the checkpoints saved since.
+    """
+    for passed_over in (p for p in root.iterdir() if _NAME.match(p.name) and newest):
+        if passed_over.name > newest:
+            shutil.rmtree(passed_over, ignore_errors=True)
     done = sorted(p for p in root.iterdir() if _NAME.match(p.name))
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
