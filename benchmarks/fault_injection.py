@@ -71,15 +71,18 @@ def prepare(root: Path) -> dict:
     texts = corpus_texts(8)
     models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
     corpus = write_corpus(root / "corpus", texts)
-    config = write_fault_config(root, models, corpus, "reference")
-    started = time.monotonic()
-    if run_walk(config, root / "reference.log") != 0:
-        raise SystemExit(f"the uninterrupted run failed: {root / 'reference.log'}")
+    seconds = []
+    for name in ("reference", "reference-timed"):  # the first run on a machine builds
+        config = write_fault_config(root, models, corpus, name)  # DeepSpeed's ops: time
+        started = time.monotonic()  # the second
+        if run_walk(config, root / f"{name}.log") != 0:
+            raise SystemExit(f"the uninterrupted run failed: {root / name}.log")
+        seconds.append(time.monotonic() - started)
     return {
         "models": models,
         "corpus": corpus,
         "expected": outputs(root / "reference"),
-        "seconds": time.monotonic() - started,
+        "seconds": seconds[-1],
     }
 
 
@@ -279,7 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["uninterrupted_seconds"] = round(ref["seconds"], 1)
         if args.kills:
             r = kills(root, ref, args.kills, args.seed)
-            print(f"kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed", flush=True)
+            missed = sum(not k["killed"] for k in r["kills"])
+            print(f"kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed "
+                  f"({missed} of the runs ended before their kill)", flush=True)
             result["kills"] = r
         if args.corrupt:
             r = corruptions(root, ref, args.corrupt, args.seed)
