@@ -39,14 +39,7 @@ from _common import ROOT, emit
 
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fusion_fixtures import (
-    build_models,
-    corpus_texts,
-    run_tracking_uri,
-    write_corpus,
-    write_fault_config,
-    write_run_config,
-)
+from fusion_fixtures import run_tracking_uri, tiny_inputs, write_fault_config, write_run_config
 
 from fusellm.testing.faults import (
     damage_one,
@@ -62,15 +55,23 @@ from fusellm.testing.faults import (
 )
 
 MiB = 2**20
-RUN_STAGES = ("pieces", "extract", "store", "vocab", "fuse", "fused", "train", "evaluate",
-              "compare", "register")
+RUN_STAGES = (
+    "pieces",
+    "extract",
+    "store",
+    "vocab",
+    "fuse",
+    "fused",
+    "train",
+    "evaluate",
+    "compare",
+    "register",
+)
 AIMABLE_S = 0.1  # a stage quicker than this is over before a watcher polling its folder sees it
 
 
 def prepare(root: Path) -> dict:
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
-    corpus = write_corpus(root / "corpus", texts)
+    models, corpus = tiny_inputs(root)
     seconds = []
     for name in ("reference", "reference-timed"):  # the first run on a machine builds
         config = write_fault_config(root, models, corpus, name)  # DeepSpeed's ops: time
@@ -146,9 +147,7 @@ def corruptions(root: Path, ref: dict, n: int, seed: int) -> dict:
 
 def run_kills(root: Path, n: int, seed: int) -> dict:
     """Kill `fusellm run` in each stage in turn (see the module's docstring)."""
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "run-models", texts).items()}
-    corpus = write_corpus(root / "run-corpus", texts)
+    models, corpus = tiny_inputs(root, prefix="run-")
     reference = root / "run-reference"
     if _run_to_end(write_run_config(root, models, corpus, reference.name), root, reference.name):
         raise SystemExit(f"the uninterrupted run failed: {root / 'run-reference.log'}")
@@ -201,10 +200,15 @@ def s3_faults(root: Path, n: int, seed: int) -> dict:
     (folder / "config.json").write_text('{"a": 1}')
     (folder / "sub" / "vocab.txt").write_text("a\nb\n")
     port = free_port()
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "FUSELLM_S3_MAX_ATTEMPTS": str(s3faults.ATTEMPTS),
-           "FUSELLM_S3_TIMEOUT": "2", "FUSELLM_S3_MULTIPART_THRESHOLD": str(5 * MiB),
-           "FUSELLM_S3_MULTIPART_CHUNK": str(5 * MiB)}
+    env = {
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "FUSELLM_S3_MAX_ATTEMPTS": str(s3faults.ATTEMPTS),
+        "FUSELLM_S3_TIMEOUT": "2",
+        "FUSELLM_S3_MULTIPART_THRESHOLD": str(5 * MiB),
+        "FUSELLM_S3_MULTIPART_CHUNK": str(5 * MiB),
+    }
     os.environ.update(env)
     moto = [str(Path(sys.executable).with_name("moto_server")), "-H", LOCALHOST, "-p", str(port)]
     rng = random.Random(seed)
@@ -217,17 +221,26 @@ def s3_faults(root: Path, n: int, seed: int) -> dict:
             for i in range(n):
                 fault = s3faults.random_fault(rng, rng.choice(["GET", "PUT"]))
                 scratch = root / f"s3-{i}"
-                label = (f"s3 {i}: {fault.kind} on {fault.method} {fault.key or 'anything'} "
-                         f"x{fault.times or 'always'}")
+                label = (
+                    f"s3 {i}: {fault.kind} on {fault.method} {fault.key or 'anything'} "
+                    f"x{fault.times or 'always'}"
+                )
                 try:
-                    problem = s3faults.trial_problem(proxy, fault, folder, f"s3://flaky/t{i}",
-                                                     scratch)
+                    problem = s3faults.trial_problem(
+                        proxy, fault, folder, f"s3://flaky/t{i}", scratch
+                    )
                 except Exception as err:  # noqa: BLE001 - a traceback is a failed trial
                     problem = f"unexpected {type(err).__name__}: {err}"
                 settle(outcome, problem, label, scratch)
-                outcome["faults"].append({"kind": fault.kind, "method": fault.method,
-                                          "key": fault.key, "times": fault.times,
-                                          "recovered": s3faults.should_recover(fault)})
+                outcome["faults"].append(
+                    {
+                        "kind": fault.kind,
+                        "method": fault.method,
+                        "key": fault.key,
+                        "times": fault.times,
+                        "recovered": s3faults.should_recover(fault),
+                    }
+                )
     return outcome
 
 
@@ -283,8 +296,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.kills:
             r = kills(root, ref, args.kills, args.seed)
             missed = sum(not k["killed"] for k in r["kills"])
-            print(f"kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed "
-                  f"({missed} of the runs ended before their kill)", flush=True)
+            print(
+                f"kill-and-recover: {r['passed']} passed, {len(r['failed'])} failed "
+                f"({missed} of the runs ended before their kill)",
+                flush=True,
+            )
             result["kills"] = r
         if args.corrupt:
             r = corruptions(root, ref, args.corrupt, args.seed)

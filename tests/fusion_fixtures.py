@@ -101,3 +101,11 @@ def write_run_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
 
 def run_tracking_uri(root: Path, name: str) -> str:
     return f"sqlite:///{root / name}.db"
+
+
+def tiny_inputs(root: Path, prefix: str = "") -> tuple[dict[str, str], Path]:
+    """The two tiny sources (as {name: folder}) and a corpus of 8 texts, built under `root`
+    (folders `<prefix>models`, `<prefix>corpus`): what most fusion tests start from."""
+    texts = corpus_texts(8)
+    models = {k: str(v) for k, v in build_models(root / f"{prefix}models", texts).items()}
+    return models, write_corpus(root / f"{prefix}corpus", texts)

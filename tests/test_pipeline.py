@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+from fusion_fixtures import fusion_dict, tiny_inputs
 
 from fusellm.config import parse_fusion_config
 from fusellm.data.piece_shards import iter_all_pieces
@@ -31,9 +31,7 @@ from fusellm.stages.training import train_key, training_config
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
-    corpus = write_corpus(root / "corpus", texts)
+    models, corpus = tiny_inputs(root)
     data = fusion_dict(models, str(corpus), root / "work", "sqlite:///unused.db")
     data["extraction"]["shard_size"] = 8
     config = parse_fusion_config(data)
@@ -200,7 +198,9 @@ def test_a_shard_reads_only_its_own_pieces(setup, monkeypatch):
     assert set(opened) - {"pieces.json"} == {f"pieces-{shard:05d}.jsonl"}
     opened.clear()
     vmap = vocab_unit(sources[1], target, config, progress=False).run()
-    fuse_unit(pieces, shard, target, target_shard, [(sources[1], neox_shard, vmap)], ex_config).run()
+    fuse_unit(
+        pieces, shard, target, target_shard, [(sources[1], neox_shard, vmap)], ex_config
+    ).run()
     assert set(opened) - {"pieces.json"} == {f"pieces-{shard:05d}.jsonl"}
 
 

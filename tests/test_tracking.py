@@ -591,3 +591,27 @@ def test_extraction_and_training_runs_record_system_metrics(store, monkeypatch):
     client = MlflowClient()
     assert any(k.startswith("system/") for k in client.get_run(train).data.metrics)
     assert not any(k.startswith("system/") for k in client.get_run(evaluate).data.metrics)
+
+
+def _first_use(uri: str, barrier) -> str:
+    import mlflow
+
+    from fusellm.tracking.runs import ensure_experiment
+
+    mlflow.set_tracking_uri(uri)
+    barrier.wait()  # every process meets the fresh store at the same moment
+    return ensure_experiment("together")
+
+
+def test_processes_starting_together_on_a_fresh_sqlite_store_all_succeed(tmp_path):
+    """MLflow creates a SQLite store's tables on first use without a guard; the project's first
+    use holds a lock, so fusions started together do not fail with "table already exists"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = sqlite_uri(tmp_path / "fresh.db")
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(4)
+        with ctx.Pool(4) as pool:
+            ids = pool.starmap(_first_use, [(uri, barrier)] * 4)
+    assert len(set(ids)) == 1  # one experiment, found or created by each

@@ -1,4 +1,4 @@
-"""Small file helpers shared by every stage: atomic writes and content hashes.
+"""Small file helpers shared by every stage: atomic writes, content hashes, file locks.
 
 Every artifact is written under a temporary name in its own folder and renamed into place, so a
 reader (or a resumed run) never sees half a file, whenever the writer is killed.
@@ -10,6 +10,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -60,3 +62,17 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+@contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `path` between processes and threads (flock on a fresh descriptor),
+    released by the kernel if the holder dies, so a killed run never blocks the next one."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -20,12 +20,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from fusellm.io.files import write_json_atomic
+from fusellm.io.files import exclusive_lock, write_json_atomic
 from fusellm.io.fingerprint import sha256_json
 from fusellm.io.sources import ModelRef
 from fusellm.stages import versions
@@ -169,7 +168,7 @@ def _drop_dead_writes(partial: Path) -> None:
 def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dict]) -> Artifact:
     """Return the finished folder for (stage, key), building it first if it does not exist.
 
-    Built once, whoever asks: a build holds the key's lock (`_key_lock`), so a second run of the
+    Built once, whoever asks: a build holds the key's lock (`exclusive_lock`), so a second run of the
     same fusion, or a second thread, waits and then finds the folder finished. The build writes
     into ``.<key>.partial``, renamed into place only when complete; an interrupted build's
     partial folder is handed to the next build of the key, which resumes from it (training
@@ -179,7 +178,7 @@ def build_stage(workdir: Path, stage: str, key: str, build: Callable[[Path], dic
     if (final / STAGE_FILE).is_file() and not damage(final):
         return _finished(final, stage, key)
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _key_lock(final.with_name(f".{key}.lock")):
+    with exclusive_lock(final.with_name(f".{key}.lock")):
         if (final / STAGE_FILE).is_file():  # built by whoever held the lock before us
             problem = damage(final)
             if problem is None:
@@ -232,7 +231,7 @@ def _set_aside_what_is_corrupt(err: Exception, workdir: Path) -> None:
 
 def _set_aside(folder: Path) -> Path | None:
     """`quarantine` under the folder's own key lock; None when another unit already did it."""
-    with _key_lock(folder.with_name(f".{folder.name}.lock")):
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock")):
         if not (folder / STAGE_FILE).is_file():
             return None
         return quarantine(folder)
@@ -260,20 +259,6 @@ def _folders_linking(path: Path, workdir: Path, *, besides: Path) -> list[Path]:
                 found.add(folder)
                 break
     return sorted(found)
-
-
-@contextmanager
-def _key_lock(path: Path):
-    """An exclusive lock on `path` between processes and threads (flock on a fresh descriptor),
-    released by the kernel if the holder dies, so a killed run never blocks the next one."""
-    import fcntl
-
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

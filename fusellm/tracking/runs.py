@@ -19,6 +19,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from fusellm.io.files import exclusive_lock
 from fusellm.settings import MLFLOW_ARTIFACTS, without_credentials
 from fusellm.tracking.current import TrackingError, innermost_fusion, open_fusion
 from fusellm.tracking.log import log_json
@@ -59,8 +60,28 @@ def _local_artifact_root() -> Path | None:
     return db.resolve().parent / MLFLOW_ARTIFACTS
 
 
+_READY_STORES: set[str] = set()
+
+
+def ready_store() -> None:
+    """Create a SQLite store's tables under a lock beside the database file, once per process.
+
+    MLflow creates them on first use without guarding against another process doing the same,
+    so two fusions starting together on a fresh store would fail with "table already exists".
+    """
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///") or uri in _READY_STORES:
+        return
+    db = Path(unquote(uri.removeprefix("sqlite:///")))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(db.with_name(f".{db.name}.lock")):
+        MlflowClient().search_experiments(max_results=1)
+    _READY_STORES.add(uri)
+
+
 def ensure_experiment(name: str) -> str:
     """The id of experiment `name`, created if missing (artifacts beside a local SQLite store)."""
+    ready_store()
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:

@@ -11,7 +11,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, write_corpus
+from fusion_fixtures import fusion_dict, tiny_inputs
 
 from fusellm.config import parse_fusion_config
 from fusellm.stages import base
@@ -21,9 +21,8 @@ from fusellm.stages.pipeline import Executor, walk
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
     root = tmp_path_factory.mktemp("corruption")
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
-    data = fusion_dict(models, str(write_corpus(root / "corpus", texts)), root / "work", "x")
+    models, corpus = tiny_inputs(root)
+    data = fusion_dict(models, str(corpus), root / "work", "x")
     data["extraction"]["shard_size"] = 8
     config = parse_fusion_config(data)
     walk(config, Executor(), until="align_fuse")

@@ -11,7 +11,7 @@ import shutil
 import time
 
 import pytest
-from fusion_fixtures import build_models, corpus_texts, write_corpus, write_fault_config
+from fusion_fixtures import tiny_inputs, write_fault_config
 
 from fusellm.testing.faults import (
     built,
@@ -30,9 +30,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults")
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
-    corpus = write_corpus(root / "corpus", texts)
+    models, corpus = tiny_inputs(root)
     config = write_fault_config(root, models, corpus, "reference")
     started = time.monotonic()
     assert run_walk(config, root / "reference.log") == 0, (root / "reference.log").read_text()[

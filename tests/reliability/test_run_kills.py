@@ -11,13 +11,7 @@ import json
 import random
 
 import pytest
-from fusion_fixtures import (
-    build_models,
-    corpus_texts,
-    run_tracking_uri,
-    write_corpus,
-    write_run_config,
-)
+from fusion_fixtures import run_tracking_uri, tiny_inputs, write_run_config
 from mlflow import MlflowClient
 
 from fusellm.testing.faults import (
@@ -43,9 +37,7 @@ def finish(config, root, name):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("run-kills")
-    texts = corpus_texts(8)
-    models = {k: str(v) for k, v in build_models(root / "models", texts).items()}
-    corpus = write_corpus(root / "corpus", texts)
+    models, corpus = tiny_inputs(root)
     finish(write_run_config(root, models, corpus, "reference"), root, "reference")
     return root, models, corpus
 
