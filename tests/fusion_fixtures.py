@@ -109,3 +109,13 @@ def tiny_inputs(root: Path, prefix: str = "") -> tuple[dict[str, str], Path]:
     texts = corpus_texts(8)
     models = {k: str(v) for k, v in build_models(root / f"{prefix}models", texts).items()}
     return models, write_corpus(root / f"{prefix}corpus", texts)
+
+
+def tiny_fusion_config(root: Path, tracking_uri: str = "sqlite:///unused.db"):
+    """The tiny fusion as a parsed FusionConfig, work folder `root/work`, 8 pieces a shard."""
+    from fusellm.config import parse_fusion_config
+
+    models, corpus = tiny_inputs(root)
+    data = fusion_dict(models, str(corpus), root / "work", tracking_uri)
+    data["extraction"]["shard_size"] = 8
+    return parse_fusion_config(data)

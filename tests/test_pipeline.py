@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fusion_fixtures import fusion_dict, tiny_inputs
+from fusion_fixtures import tiny_fusion_config
 
-from fusellm.config import parse_fusion_config
 from fusellm.data.piece_shards import iter_all_pieces
 from fusellm.data.store import open_topk
 from fusellm.stages.base import Artifact, ModelFiles, StageError, build_stage, is_done, tokenizer_of
@@ -31,10 +30,7 @@ from fusellm.stages.training import train_key, training_config
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    models, corpus = tiny_inputs(root)
-    data = fusion_dict(models, str(corpus), root / "work", "sqlite:///unused.db")
-    data["extraction"]["shard_size"] = 8
-    config = parse_fusion_config(data)
+    config = tiny_fusion_config(root)
     ids = resolve_identities(config)
     target = fetch_model("target", config.target, ids["target"], config.workdir)
     sources = [

@@ -134,7 +134,7 @@ def run_recovery_problems(
         problems.append(f"left behind: {leftovers(work)[:3]}")
     if outputs(work) != outputs(reference):
         problems.append("fused data or weights differ from the uninterrupted run's")
-    ours, theirs = _summary(work), _summary(reference)
+    ours, theirs = run_summary(work), run_summary(reference)
     if ours["scores"] != theirs["scores"]:
         problems.append(f"scores {ours['scores']} differ from {theirs['scores']}")
     decided = ours["registration"]["is_champion"]
@@ -147,7 +147,8 @@ def run_recovery_problems(
     return problems
 
 
-def _summary(work: Path) -> dict:
+def run_summary(work: Path) -> dict:
+    """The summary of the last fusion finished at `work` (its record in `runs/`)."""
     (record,) = Path(work).glob("runs/*.json")
     return json.loads(record.read_text())["summary"]
 

@@ -11,9 +11,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fusion_fixtures import fusion_dict, tiny_inputs
+from fusion_fixtures import tiny_fusion_config
 
-from fusellm.config import parse_fusion_config
 from fusellm.stages import base
 from fusellm.stages.pipeline import Executor, walk
 
@@ -21,10 +20,7 @@ from fusellm.stages.pipeline import Executor, walk
 @pytest.fixture(scope="module")
 def fused(tmp_path_factory):
     root = tmp_path_factory.mktemp("corruption")
-    models, corpus = tiny_inputs(root)
-    data = fusion_dict(models, str(corpus), root / "work", "x")
-    data["extraction"]["shard_size"] = 8
-    config = parse_fusion_config(data)
+    config = tiny_fusion_config(root)
     walk(config, Executor(), until="align_fuse")
     return config
 

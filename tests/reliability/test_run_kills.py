@@ -7,7 +7,6 @@ scores and champion decision of an uninterrupted run (`fusellm.testing.faults`;
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
@@ -20,6 +19,7 @@ from fusellm.testing.faults import (
     kill_while_building,
     outputs,
     run_recovery_problems,
+    run_summary,
     stage_seconds,
     start_run,
 )
@@ -81,7 +81,7 @@ def test_damaged_evaluation_results_are_recomputed(reference):
     assert all(n.startswith(("evaluate", "compare", "register")) for n in completed_tasks(log))
     unchanged = {k: v for k, v in before.items() if not k.startswith(("evaluate", "compare"))}
     assert {k: finished_folders(work)[k] for k in unchanged} == unchanged
-    assert _scores(work) == _scores(root / "reference")
+    assert run_summary(work)["scores"] == run_summary(root / "reference")["scores"]
 
 
 def test_two_runs_at_once_register_one_version(reference):
@@ -100,8 +100,3 @@ def test_two_runs_at_once_register_one_version(reference):
     )
     assert len(versions) == 1 and versions[0].tags.get("fusellm.role")
     assert outputs(root / "twice") == outputs(root / "reference")
-
-
-def _scores(work):
-    (record,) = work.glob("runs/*.json")
-    return json.loads(record.read_text())["summary"]["scores"]
