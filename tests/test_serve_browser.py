@@ -14,20 +14,18 @@ the path is printed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import socket
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from browser import browser, page  # noqa: F401  (fixtures)
 from playwright.sync_api import expect
-from support import free_port, log_tail, start_server, stop_server
+from support import api_json, free_port, log_tail, start_server, stop_server
 
 from fusellm.settings import LOCALHOST, MLFLOW_DB, sqlite_uri
 
@@ -50,20 +48,9 @@ FOREIGN = (
 )
 
 
-def _api(url: str, body: dict | None = None):
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body or {}).encode(),
-        headers={"content-type": "application/json"},
-        method="POST" if body is not None else "GET",
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
-
-
 def _served(api: str) -> set[str]:
     try:
-        return {d["name"] for d in _api(f"{api}/deployments/filter", {})}
+        return {d["name"] for d in api_json(f"{api}/deployments/filter", {})}
     except OSError:
         return set()
 
@@ -141,12 +128,12 @@ def test_serve_runs_fuse_from_the_prefect_ui_and_links_to_mlflow(tmp_path, page)
         expect(page.get_by_role("button", name="View run").first).to_be_visible()  # a toast
         _shot(page, shots, "4-run-created")
         fuse_runs = {"deployments": {"name": {"any_": ["fuse"]}}}
-        runs = _api(f"{prefect}/api/flow_runs/filter", fuse_runs)
+        runs = api_json(f"{prefect}/api/flow_runs/filter", fuse_runs)
         assert len(runs) == 1, f"one press of Run, one flow run; got {runs}"
         run_id = runs[0]["id"]
         page.goto(f"{prefect}/runs/flow-run/{run_id}")  # where the toast's "View run" leads
         deadline = time.monotonic() + RUN_DONE_MS / 1000
-        while (state := _api(f"{prefect}/api/flow_runs/{run_id}")["state_type"]) not in FINAL:
+        while (state := api_json(f"{prefect}/api/flow_runs/{run_id}")["state_type"]) not in FINAL:
             assert proc.poll() is None, f"fusellm serve exited:\n{log_tail(log)}"
             assert time.monotonic() < deadline, f"fuse still {state}:\n{log_tail(log)}"
             time.sleep(3)

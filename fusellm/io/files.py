@@ -30,12 +30,23 @@ class CorruptFileError(RuntimeError):
         return (type(self), (self.path, str(self)), self.__dict__)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` beside `path` and rename it into place (folders created)."""
+    """Write `data` beside `path` and rename it into place (folders created).
+
+    The file gets the permissions `open` would give it (0666 less the umask), not mkstemp's
+    0600: a work folder is shared by the users and containers that run the stages.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)

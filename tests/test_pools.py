@@ -1,0 +1,63 @@
+"""The work pools' base job templates (flows/pools.py): what every stage container gets, and
+what never goes into a template (secrets). Creating the pools on a server: tests/test_stack.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from fusellm_flows.pools import JobSettings, PoolSetupError, job_env, templates
+
+
+def _defaults(template: dict) -> dict:
+    return {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+
+
+def test_docker_pools_give_stage_containers_image_network_volumes_and_gpus():
+    settings = JobSettings(
+        cpu_image="reg.example/fusellm:cpu",
+        gpu_image="reg.example/fusellm:cuda",
+        network="fusellm",
+        volumes=["fusellm-work:/data/fusellm"],
+        env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"},
+        gpus="all",
+    )
+    made = templates("docker", settings)
+    cpu, gpu = _defaults(made["fusellm-cpu"]), _defaults(made["fusellm-gpu"])
+    assert (cpu["image"], gpu["image"]) == ("reg.example/fusellm:cpu", "reg.example/fusellm:cuda")
+    for pool in (cpu, gpu):
+        assert pool["networks"] == ["fusellm"]
+        assert pool["volumes"] == ["fusellm-work:/data/fusellm"]
+        assert pool["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+        # The images' entrypoint is the fusellm CLI: Prefect's command must run as given.
+        assert pool["container_create_kwargs"]["entrypoint"] == ["/usr/bin/env"]
+    assert "device_requests" not in cpu["container_create_kwargs"]
+    assert gpu["container_create_kwargs"]["device_requests"] == [
+        {"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}
+    ]
+    assert gpu["container_create_kwargs"]["shm_size"] == "8g"
+    some = _defaults(templates("docker", JobSettings(gpus="0,1"))["fusellm-gpu"])
+    assert some["container_create_kwargs"]["device_requests"][0]["device_ids"] == ["0", "1"]
+    none = _defaults(templates("docker", JobSettings(gpus=""))["fusellm-gpu"])
+    assert "device_requests" not in none["container_create_kwargs"]
+
+
+def test_process_pools_carry_the_environment_only():
+    made = templates("process", JobSettings(env={"FUSELLM_HOME": "/shared/fusellm"}))
+    assert set(made) == {"fusellm-cpu", "fusellm-gpu"}
+    assert all(_defaults(t)["env"] == {"FUSELLM_HOME": "/shared/fusellm"} for t in made.values())
+
+
+def test_bad_settings_are_refused_with_what_was_expected():
+    with pytest.raises(PoolSetupError, match="look like secrets"):
+        job_env(["MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY"], {})
+    with pytest.raises(PoolSetupError, match="MLFLOW_TRACKING_PASSWORD"):
+        job_env(["MLFLOW_TRACKING_PASSWORD"], {"MLFLOW_TRACKING_PASSWORD": "x"})
+    with pytest.raises(PoolSetupError, match="FUSELLM_HOME not set"):
+        job_env(["FUSELLM_HOME"], {})
+    assert job_env(["AWS_SHARED_CREDENTIALS_FILE"], {"AWS_SHARED_CREDENTIALS_FILE": "/run/c"}) == {
+        "AWS_SHARED_CREDENTIALS_FILE": "/run/c"
+    }
+    with pytest.raises(PoolSetupError, match="expected 'all', device indexes"):
+        templates("docker", JobSettings(gpus="two"))
+    with pytest.raises(PoolSetupError, match="expected docker or process"):
+        templates("kubernetes", JobSettings())
