@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from importlib.metadata import version
 from itertools import pairwise
 from pathlib import Path
 
@@ -230,6 +231,27 @@ def test_stack_restart_keeps_runs_model_and_artifacts(stack, tmp_path, monkeypat
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     files = download_artifacts(artifact_uri=f"models:/{MODEL}@champion", dst_path=str(tmp_path))
     assert list(Path(files).rglob("model.safetensors")), sorted(Path(files).rglob("*"))
+
+
+def test_cuda_image_builds_up_to_its_cuda_checks(stack):
+    """The CUDA image's `app` stage on the Debian base (CPU torch from the wheels folder): all
+    but the checks that need the CUDA toolkit, which run on the CUDA base only. Its imports
+    and CLI are checked at build time; here it also runs, as user 10001, with no network."""
+    started = time.monotonic()
+    context = stack.settings["FUSELLM_BUILD_CONTEXT"]
+    stack.daemon.docker(
+        "build", "--network", "host", "--target", "app", "-f", f"{context}/docker/Dockerfile.cuda",
+        "--build-arg", f"BASE={stack.settings['FUSELLM_BASE_IMAGE']}",
+        "--build-arg", "TORCH_INDEX=https://pypi.org/simple", "-t", "fusellm:cuda-app", context,
+        timeout=1800,
+    )  # fmt: skip
+    TIMINGS["cuda image (app stage)"] = time.monotonic() - started
+    ran = stack.daemon.docker("run", "--rm", "--network", "none", "fusellm:cuda-app", "version")
+    assert ran.stdout.strip() == version("fusellm"), ran.stdout
+    user = stack.daemon.docker(
+        "run", "--rm", "--network", "none", "--entrypoint", "id", "fusellm:cuda-app", "-u"
+    )
+    assert user.stdout.strip() == "10001"
 
 
 def _fuse_runs(stack: Stack) -> list[dict]:

@@ -61,14 +61,22 @@ def train_unit(
 ) -> Unit:
     """Continual training of the target: fused objective, or plain CLM (lam = 1) for the baseline.
 
-    `data`: the fused store, or for the baseline the target's own extraction store.
+    `data`: the fused store, or for the baseline the target's own extraction store. With several
+    GPUs, the training runs under the DeepSpeed launcher, one process per GPU
+    (`fusellm.train.launch`).
     """
+    from fusellm.stages.devices import gpu_count
     from fusellm.train import train
+    from fusellm.train.launch import launch, processes_for
 
     training = training_config(config, baseline=baseline)
 
     def build(folder: Path) -> dict:
-        result = train(training, target.path, data.path / "store", folder)
+        processes = processes_for(gpu_count())
+        if processes > 1:  # every GPU of the machine, one process each
+            result = launch(training, target.path, data.path / "store", folder, processes=processes)
+        else:
+            result = train(training, target.path, data.path / "store", folder)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # the model is saved apart
         return {
             "steps": result.steps,

@@ -28,6 +28,7 @@ def train_command(
     """Continually train the target with the fusion loss (lam = 1 in CONFIG: the CLM baseline)."""
     from fusellm.train.config import TrainConfigError, load_config
     from fusellm.train.engine import train
+    from fusellm.train.launch import write_result
 
     try:
         cfg = load_config(config)
@@ -35,7 +36,8 @@ def train_command(
     except TrainConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    if result.model_dir is not None:
+    if result.model_dir is not None:  # rank 0: the record a launching stage reads back
+        write_result(result, output)
         typer.echo(f"trained {result.steps} steps; model saved in {result.model_dir}")
 
 
