@@ -21,6 +21,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -149,7 +150,7 @@ def build_context(folder: Path) -> Path:
         shutil.copy2(cert, certs / cert.name)
     wheels = folder / "docker" / "wheels"
     run(
-        ["pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *WHEELS],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(wheels), *WHEELS],
         os.environ, timeout=300,
     )  # fmt: skip
     return folder
