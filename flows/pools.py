@@ -55,6 +55,14 @@ def job_env(names: list[str], environ: dict[str, str]) -> dict[str, str]:
     missing = [n for n in names if n not in environ]
     if missing:
         raise PoolSetupError(f"--job-env: {', '.join(missing)} not set in this environment")
+    from fusellm.settings import without_credentials
+
+    with_credentials = [n for n in names if without_credentials(environ[n]) != environ[n]]
+    if with_credentials:
+        raise PoolSetupError(
+            f"--job-env: {', '.join(with_credentials)} hold user:password@ in a URL; give the "
+            "jobs the credentials another way (MLFLOW_TRACKING_USERNAME / _PASSWORD from a file)"
+        )
     return {n: environ[n] for n in names}
 
 
@@ -139,9 +147,10 @@ async def _ensure(kind: str, name: str, template: dict, limit: int | None) -> st
                 f"work pool {name} exists with type {pool.type}, not {kind}: delete it first "
                 f"(prefect work-pool delete {name})"
             )
-        await client.update_work_pool(
-            name, WorkPoolUpdate(base_job_template=template, concurrency_limit=limit)
-        )
+        update = {"base_job_template": template}
+        if limit is not None:  # a limit set on the CPU pool by hand stays
+            update["concurrency_limit"] = limit
+        await client.update_work_pool(name, WorkPoolUpdate(**update))
         return "updated"
 
 

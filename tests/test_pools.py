@@ -52,6 +52,8 @@ def test_bad_settings_are_refused_with_what_was_expected():
         job_env(["MLFLOW_TRACKING_URI", "AWS_SECRET_ACCESS_KEY"], {})
     with pytest.raises(PoolSetupError, match="MLFLOW_TRACKING_PASSWORD"):
         job_env(["MLFLOW_TRACKING_PASSWORD"], {"MLFLOW_TRACKING_PASSWORD": "x"})
+    with pytest.raises(PoolSetupError, match="MLFLOW_TRACKING_URI hold user:password@"):
+        job_env(["MLFLOW_TRACKING_URI"], {"MLFLOW_TRACKING_URI": "https://me:pw@mlflow.example"})
     with pytest.raises(PoolSetupError, match="FUSELLM_HOME not set"):
         job_env(["FUSELLM_HOME"], {})
     assert job_env(["AWS_SHARED_CREDENTIALS_FILE"], {"AWS_SHARED_CREDENTIALS_FILE": "/run/c"}) == {

@@ -178,7 +178,8 @@ def _artifact_keys(stack: Stack) -> list[str]:
 
 def test_gpu_pool_runs_one_stage_at_a_time(stack, fusion_config):
     """Three extraction runs submitted at once (their work is done: each only checks) run one
-    after the other: the pool's concurrency limit, 1 here, holds."""
+    after the other: the limits `fusellm pools` and compose.yaml configure (the pool's
+    concurrency limit, 1 here, and the GPU worker's `--limit 1`) hold."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 

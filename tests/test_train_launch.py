@@ -14,7 +14,12 @@ import pytest
 from fusion_fixtures import tiny_fusion_config
 
 from fusellm.stages import devices, pipeline
-from fusellm.train.launch import LaunchError, launch, processes_for
+from fusellm.train.launch import (
+    LaunchError,
+    launch,
+    launcher_command,
+    processes_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -22,6 +27,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def test_one_process_per_gpu_unless_a_launcher_started_this_one():
     assert processes_for(8, {}) == 8
+    # The GPUs this process was given, by index: the launcher must not take GPUs 0..N-1.
+    given = launcher_command(
+        2, Path("c.yaml"), "m", "d", Path("o"), {"CUDA_VISIBLE_DEVICES": "4,5"}
+    )
+    assert given[given.index("--include") + 1] == "localhost:4,5" and "--num_gpus" not in given
+    assert "--num_gpus" in launcher_command(8, Path("c.yaml"), "m", "d", Path("o"), {})
     assert processes_for(1, {}) == 1 and processes_for(0, {}) == 1
     assert processes_for(8, {"RANK": "0", "WORLD_SIZE": "8"}) == 1  # already one of the ranks
 
@@ -38,6 +49,7 @@ def test_training_stage_launches_one_process_per_gpu(tmp_path, monkeypatch):
     monkeypatch.setattr(devices, "gpu_count", lambda: 2)
 
     trained = pipeline.walk(config, pipeline.Executor(), until="train").trained
+    assert len(trained) == 2  # the fused model and the CLM baseline
     for artifact in trained.values():
         folder = artifact.path
         result = json.loads((folder / "result.json").read_text())
@@ -57,3 +69,13 @@ def test_a_failed_launch_names_its_log(tmp_path, monkeypatch):
         launch(TrainConfig(max_steps=1), tmp_path / "no-model", tmp_path / "no-data",
                tmp_path / "out", processes=2)  # fmt: skip
     assert (tmp_path / "out" / "launch.log").is_file()
+
+
+def test_the_result_record_round_trips(tmp_path):
+    from fusellm.train.engine import TrainResult
+    from fusellm.train.launch import read_result, write_result
+
+    for model_dir in (tmp_path / "model", None):
+        result = TrainResult(model_dir, steps=3, resumed_from=1, losses=[2.5, 2.0], tokens=40)
+        write_result(result, tmp_path)
+        assert read_result(tmp_path) == result

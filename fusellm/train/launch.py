@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +56,27 @@ def write_result(result: TrainResult, output: Path) -> None:
 
 def read_result(output: Path) -> TrainResult:
     record = json.loads((output / RESULT_FILE).read_text())
-    model_dir = Path(record.pop("model_dir")) if record.get("model_dir") else None
+    model_dir = record.pop("model_dir", None)
+    model_dir = Path(model_dir) if model_dir else None
     return TrainResult(model_dir=model_dir, **record)
 
 
-def launcher_command(processes: int, config_file: Path, model, data, output: Path) -> list[str]:
+def _devices(processes: int, environ) -> list[str]:
+    """The launcher's device options. With `--num_gpus` it drops CUDA_VISIBLE_DEVICES and takes
+    GPUs 0..N-1: the GPUs this process was given must be named instead."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    if re.fullmatch(r"\d+(,\d+)*", visible):
+        return ["--include", f"localhost:{visible}"]
+    return ["--num_gpus", str(processes)]
+
+
+def launcher_command(
+    processes: int, config_file: Path, model, data, output: Path, environ=None
+) -> list[str]:
+    environ = os.environ if environ is None else environ
     return [
         sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(processes),
+        *_devices(processes, environ),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         "--module", "fusellm.train", str(config_file),
         "--model", str(model), "--data", str(data), "--output", str(output),
@@ -87,23 +102,42 @@ def launch(
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     log = output / "launch.log"
     with log.open("wb") as out:
-        done = subprocess.run(
-            launcher_command(processes, config_file, model, data, output),
+        proc = subprocess.Popen(
+            launcher_command(processes, config_file, model, data, output, env),
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            check=False,
+            start_new_session=True,  # its ranks go with it if this stage is stopped
         )
-    if done.returncode != 0 or not (output / RESULT_FILE).is_file():
+        try:
+            returncode = proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
+    if returncode != 0 or not (output / RESULT_FILE).is_file():
         tail = log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
         raise LaunchError(
             f"training in {processes} processes under the DeepSpeed launcher exited with code "
-            f"{done.returncode}; its log is {log}, which ends with:\n{tail}"
+            f"{returncode}; its log is {log}, which ends with:\n{tail}"
         )
     result = read_result(output)
     _log_losses(result)
     return result
+
+
+def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """SIGTERM to the launcher and its ranks, SIGKILL to what is left after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _log_losses(result: TrainResult) -> None:

@@ -33,7 +33,7 @@ umask 077
 printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\nregion = us-east-1\n' \
   "$S3_ACCESS_KEY" "$S3_SECRET_KEY" > "$AWS_SHARED_CREDENTIALS_FILE.tmp"
 mv "$AWS_SHARED_CREDENTIALS_FILE.tmp" "$AWS_SHARED_CREDENTIALS_FILE"
-chown -R 10001 "$secrets" "$FUSELLM_HOME"
+chown 10001 "$secrets" "$AWS_SHARED_CREDENTIALS_FILE" "$FUSELLM_HOME"  # what's inside is 10001's
 echo "credentials file for the stage containers: $AWS_SHARED_CREDENTIALS_FILE"
 unset S3_ACCESS_KEY S3_SECRET_KEY
 
