@@ -303,6 +303,20 @@ _MODEL_FIELDS = {
         "Name",
         "short name in runs, tables and stage labels (default: the last part of the URI)",
     ),
+    "document_start": (
+        "Document start token",
+        (
+            "token before every piece, as documents began in pretraining: auto (the BOS, else "
+            "the document separator; never a chat marker), a token string, or none"
+        ),
+    ),
+    "document_end": (
+        "Document end token",
+        (
+            "token after every piece: auto (the EOS, or the document separator such as "
+            "<|endoftext|> when the EOS closes a chat turn) or a token string"
+        ),
+    ),
 }
 _CORPUS_FIELDS = {
     "uri": (

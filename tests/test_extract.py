@@ -21,7 +21,8 @@ def pieces(small_corpus):
 
 
 def reference(model, tok, text, k):
-    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    """A piece as the model met documents: its BOS, the text, its EOS."""
+    ids = [tok.bos_token_id, *tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id]
     with torch.no_grad():
         logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
     top = logp.topk(k)
@@ -41,7 +42,7 @@ def test_records_match_a_direct_forward_pass(tmp_path, llama, pieces):
         ids, top_ids, top_lp, ce = reference(model, tok, pieces[i], 5)
         rec = store[i]
         np.testing.assert_array_equal(rec.input_ids, ids)
-        assert rec.input_ids[-1] == tok.eos_token_id
+        assert rec.input_ids[0] == tok.bos_token_id and rec.input_ids[-1] == tok.eos_token_id
         assert (rec.ids == top_ids).mean() > 0.99  # batching may swap near-ties
         assert np.abs(np.exp(rec.logprobs) - np.exp(top_lp)).max() < 0.01
         assert rec.ce == pytest.approx(ce, abs=1e-4)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusellm.data.framing import DocumentFrame, document_frame
 from fusellm.data.store import MASS_LEVELS, TopkRecord, TopkWriter, topk_mass_summary
 from fusellm.io.fingerprint import model_fingerprint, sha256_texts, tokenizer_fingerprint
 
@@ -51,18 +52,18 @@ def _input_rows(model) -> int | None:
     return int(weight.shape[0]) if weight is not None else None
 
 
-def _encode(texts: Sequence[str], tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of each piece with EOS appended; errors name the offending piece."""
-    if tokenizer.eos_token_id is None:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no EOS token; set eos_token")
+def _encode(
+    texts: Sequence[str], tokenizer, max_length: int, frame: DocumentFrame
+) -> list[list[int]]:
+    """Token ids of each piece inside its frame; errors name the offending piece."""
     encoded = []
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
             raise ValueError(f"piece {i} is empty (or not a string); remove empty pieces first")
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = frame.wrap(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) > max_length:
             raise ValueError(
-                f"piece {i} has {len(ids)} tokens with EOS, more than max_length={max_length}; "
+                f"piece {i} has {len(ids)} tokens with its document tokens, more than max_length={max_length}; "
                 "split the corpus with fusellm.data.pieces.make_pieces"
             )
         encoded.append(ids)
@@ -153,9 +154,11 @@ def extract_topk(
     shard_size: int = 256,
     token_ce: bool = True,
     progress: bool = True,
+    frame: DocumentFrame | None = None,
 ) -> dict:
     """Write the top-k store of `model` over `texts` to `out_dir`; returns its manifest.
 
+    `frame`: the tokens around each piece (default: the tokenizer's own, `document_frame`).
     Resumes an interrupted run in the same folder (same model, tokenizer, parameters and texts).
     """
     texts = list(texts)
@@ -166,7 +169,8 @@ def extract_topk(
         raise ValueError(f"top_k={top_k} must be between 1 and the model's vocabulary size {vocab}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    encoded = _encode(texts, tokenizer, max_length)
+    frame = frame or document_frame(tokenizer)
+    encoded = _encode(texts, tokenizer, max_length, frame)
     rows = _input_rows(model)
     top = max(max(ids) for ids in encoded)
     if rows is not None and top >= rows:
@@ -180,7 +184,9 @@ def extract_topk(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "model_name": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "max_length": max_length,
-        "eos_token_id": int(tokenizer.eos_token_id),
+        "eos_token_id": frame.end,
+        "prefix_tokens": frame.prefix,  # positions before the text: fusion aligns past them
+        **frame.describe(),
         "tokenizer_size": len(tokenizer),
         "texts_sha256": sha256_texts(texts),
     }

@@ -102,31 +102,55 @@ def _token_ce(record: TopkRecord, rows: np.ndarray, who: str) -> np.ndarray:
     return out
 
 
+def prefix_of(store: TopkStore) -> int:
+    """Positions before the text in this store's records (the document-start token), 0 or 1."""
+    return int(store.meta.get("prefix_tokens", 0))
+
+
+def framed_ends(text: str, tokenizer, record: TopkRecord, prefix: int, role: str) -> np.ndarray:
+    """Where each position's context ends, over a record's positions before its end token.
+
+    The document-start position's context is the empty text: it ends at character 0, so it
+    pairs with another model's start position and with nothing else.
+    """
+    ids = record.input_ids[prefix:-1]
+    _, ends = token_end_chars(text, tokenizer, role=role, ids=ids)
+    return np.concatenate([np.zeros(prefix, dtype=np.int64), ends])
+
+
 def _with_eos(text_alignment: np.ndarray) -> np.ndarray:
-    """Add the EOS position: it predicts nothing, so it stays unaligned (the loss skips it)."""
+    """Add the end-token position: it predicts nothing, so it stays unaligned (the loss skips it)."""
     return np.append(text_alignment, -1)
 
 
-def _align(text, target_tokenizer, t_ends, source, record, alignment):
-    """Source position per target text position: offsets (ours) or the published DTW."""
-    ids = record.input_ids[:-1]
+def _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefix, alignment):
+    """Source position per target position before the end token: offsets (ours) or DTW."""
+    role = f"source '{source.name}'"
     if alignment == "dtw":
         from fusellm.method.align import align_positions
 
-        return align_positions(text, target_tokenizer, source.tokenizer, method="dtw", source_ids=ids)
-    _, s_ends = token_end_chars(text, source.tokenizer, role=f"source '{source.name}'", ids=ids)
-    return pair_ends(t_ends, s_ends)
+        text_pairs = align_positions(
+            text, target_tokenizer, source.tokenizer, method="dtw",
+            source_ids=record.input_ids[s_prefix:-1],
+        )
+        text_pairs = np.where(text_pairs >= 0, text_pairs + s_prefix, -1)
+        starts = np.full(t_prefix, 0 if s_prefix else -1, dtype=np.int64)
+        return np.concatenate([starts, text_pairs])
+    return pair_ends(t_ends, framed_ends(text, source.tokenizer, record, s_prefix, role))
 
 
 def fuse_piece(
     text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k,
-    alignment="offsets", duplicates=(),
+    alignment="offsets", duplicates=(), prefixes=None,
 ):
     """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring.
 
     `duplicates`: indices of sources that are the target itself; they are not candidates again.
+    `prefixes`: positions before the text in the target's and each source's records (document
+    start tokens; default none).
     """
-    _, t_ends = token_end_chars(text, target_tokenizer, role="target", ids=target_record.input_ids[:-1])
+    t_prefix, *s_prefixes = prefixes or [0] * (1 + len(sources))
+    t_ends = framed_ends(text, target_tokenizer, target_record, t_prefix, "target")
     target_next = np.append(target_record.input_ids[1:], -1)
     n_bytes = len(text.encode("utf-8"))
     candidates = [(target_record.ids[:, :k], target_record.logprobs[:, :k])]
@@ -145,7 +169,9 @@ def fuse_piece(
                           "dropped_ids": 0, "wins": 0})
             column.append(None)
             continue
-        pairs = _with_eos(_align(text, target_tokenizer, t_ends, source, record, alignment))
+        pairs = _with_eos(
+            _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefixes[n], alignment)
+        )
         vmap = source.vocab_map
         ids, lps, dropped = transfer(record.ids, record.logprobs, pairs, vmap.source_to_target, target_next, k)
         column.append(len(candidates))
@@ -207,6 +233,7 @@ def build_fused_store(
         _check_map(source, target_tokenizer, target_rows)
     duplicates = tuple(n for n, s in enumerate(sources) if same_as_target(s, target_store, target_tokenizer))
     k = top_k or target_store.top_k
+    prefixes = [prefix_of(target_store), *(prefix_of(s.store) for s in sources)]
     meta = {
         "tokenizer_fingerprint": tokenizer_fingerprint(target_tokenizer),
         "texts_sha256": sha256_texts(pieces),
@@ -220,6 +247,8 @@ def build_fused_store(
         "granularity": granularity,
         "ce_unit": ce_unit,
         "alignment": alignment,
+        "prefix_tokens": prefixes[0],
+        "document": {k_: v for k_, v in target_store.meta.items() if k_.startswith("document_")},
     }
     writer = TopkWriter(
         Path(out_dir), top_k=k, vocab_size=target_rows, meta=meta, shard_size=shard_size
@@ -237,7 +266,7 @@ def build_fused_store(
             ids, lps, stats = fuse_piece(
                 pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
                 method=method, granularity=granularity, ce_unit=ce_unit, k=k, alignment=alignment,
-                duplicates=duplicates,
+                duplicates=duplicates, prefixes=prefixes,
             )
             for source, stat in zip(sources, stats):
                 for key, value in stat.items():

@@ -37,22 +37,55 @@ def _model_folder(path: Path) -> Path:
     return path
 
 
-def load_lm(model, *, tokenizer=None, batch_size=1, device="cpu", trust_remote_code=False):
-    """lm-eval's HFLM around a model folder or an in-memory Hugging Face causal LM."""
+def _document_lm_class():
+    """HFLM that scores a whole text (perplexity windows) the way extraction reads a piece.
+
+    lm-eval conditions the first window on `prefix_token_id` and then encodes the text with
+    the tokenizer's defaults, so a tokenizer that adds its BOS (Gemma, Llama-2) gets it twice
+    and is charged for predicting `<bos>` after `<bos>` (18 nats on Gemma 3). Here the text is
+    encoded without special tokens; the prefix is the model's document start.
+    """
     from lm_eval.models.huggingface import HFLM
+
+    class DocumentHFLM(HFLM):
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            saved, self.add_bos_token = self.add_bos_token, False
+            try:
+                return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm)
+            finally:
+                self.add_bos_token = saved
+
+    return DocumentHFLM
+
+
+def load_lm(
+    model, *, tokenizer=None, batch_size=1, device="cpu", trust_remote_code=False, frame=None
+):
+    """lm-eval's HFLM around a model folder or an in-memory Hugging Face causal LM.
+
+    `frame` (`fusellm.data.framing.DocumentFrame`): its start token conditions texts scored
+    from their beginning; default: the tokenizer's own frame.
+    """
+    from transformers import AutoTokenizer
+
+    from fusellm.data.framing import document_frame
 
     if isinstance(model, (str, os.PathLike)):
         folder = _model_folder(Path(model))
-        return HFLM(
-            pretrained=str(folder),
-            tokenizer=tokenizer,
-            device=device,
-            batch_size=batch_size,
-            trust_remote_code=trust_remote_code,
-        )
-    if tokenizer is None:
+        model = str(folder)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    elif tokenizer is None:
         raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
-    return HFLM(pretrained=model, tokenizer=tokenizer, device=device, batch_size=batch_size)
+    frame = frame or document_frame(tokenizer)
+    return _document_lm_class()(
+        pretrained=model,
+        tokenizer=tokenizer,
+        device=device,
+        batch_size=batch_size,
+        trust_remote_code=trust_remote_code,
+        prefix_token_id=frame.start if frame.start is not None else frame.end,
+    )
 
 
 def _model_label(model) -> str:
@@ -89,12 +122,14 @@ def run_suite(
     bootstrap_iters: int = 1000,
     trust_remote_code: bool = False,
     label: str | None = None,
+    frame=None,
 ) -> SuiteResult:
     """Evaluate `model` (a model folder or an in-memory HF causal LM) on `suite`.
 
     data_dir: local JSONL files in the Hub layout (shortcut for EvalDataSource(data_dir=...));
     tasks: run only these leaf tasks of the suite; limit: at most this many documents per task;
-    max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers).
+    max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers);
+    frame: the model's document frame (`load_lm`).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -109,6 +144,7 @@ def run_suite(
         batch_size=batch_size,
         device=device,
         trust_remote_code=trust_remote_code,
+        frame=frame,
     )
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

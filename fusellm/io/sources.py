@@ -61,6 +61,8 @@ class ModelRef(LocatedRef):
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     name: str | None = None
+    document_start: str = "auto"
+    document_end: str = "auto"
 
     @property
     def parsed(self) -> URI:

@@ -395,6 +395,15 @@ def tokenizer_of(model: ModelFiles):
     return cache[key]
 
 
+def frame_of(model: ModelFiles):
+    """The tokens around each piece for this model: its tokenizer's, unless the config says."""
+    from fusellm.data.framing import document_frame
+
+    return document_frame(
+        tokenizer_of(model), model.ref.document_start, model.ref.document_end
+    )
+
+
 def cores() -> int:
     """The cores this process may use (its CPU affinity: a container's or a batch job's
     allowance), not the host's count."""

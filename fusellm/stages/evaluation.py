@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from fusellm.config import FusionConfig
-from fusellm.stages.base import Artifact, StageError, Unit, device_for, stage_key
+from fusellm.io.sources import ModelRef
+from fusellm.stages.base import (
+    Artifact,
+    ModelFiles,
+    StageError,
+    Unit,
+    device_for,
+    stage_key,
+)
 
 
 def _hub_revision(dataset_path: str) -> str:
@@ -40,7 +48,8 @@ def suite_data_identity(suite: str, data_dir: Path | None) -> dict:
 
 
 def evaluate_key(model_key: str, label: str, suite: str, config: FusionConfig) -> str:
-    """Scores depend on the model, the suite's tasks and data (by content) and the limits."""
+    """Scores depend on the model (its key holds its document frame), the suite's tasks and
+    data (by content) and the limits."""
     ev = config.evaluation
     return stage_key(
         "evaluate",
@@ -60,14 +69,24 @@ def evaluate_unit(
     suite: str,
     config: FusionConfig,
     *,
-    trust_remote_code: bool = False,
+    loaded_as: ModelFiles | None = None,
 ) -> Unit:
-    """Score one model on one suite with lm-eval; keeps results and lm-eval's sample logs."""
+    """Score one model on one suite with lm-eval; keeps results and lm-eval's sample logs.
+
+    `loaded_as`: the config's model whose loading options (remote code, document frame) apply;
+    a trained model is loaded as its target.
+    """
+    from fusellm.data.framing import document_frame
     from fusellm.evaluate import run_suite
 
     ev = config.evaluation
+    ref = loaded_as.ref if loaded_as is not None else ModelRef(uri=str(model_dir))
+    trust_remote_code = ref.trust_remote_code
 
     def build(folder: Path) -> dict:
+        from fusellm.io.sources import load_tokenizer
+
+        tokenizer = load_tokenizer(model_dir, ref)
         result = run_suite(
             str(model_dir),
             suite,
@@ -79,6 +98,8 @@ def evaluate_unit(
             max_gen_toks=ev.max_gen_toks,
             trust_remote_code=trust_remote_code,
             label=label,
+            tokenizer=tokenizer,
+            frame=document_frame(tokenizer, ref.document_start, ref.document_end),
         )
         return {
             "label": label,

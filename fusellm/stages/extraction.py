@@ -10,6 +10,7 @@ from fusellm.stages.base import (
     ModelFiles,
     StageError,
     Unit,
+    frame_of,
     stage_key,
     tokenizer_of,
 )
@@ -74,6 +75,7 @@ def extract_unit(
                 shard_size=len(texts),
                 token_ce=e.token_ce,
                 progress=progress,
+                frame=frame_of(model),
             )
         return {
             "model": model.name,
@@ -82,6 +84,7 @@ def extract_unit(
             "count": manifest["count"],
             "tokens": manifest["tokens"],
             "bytes": manifest["bytes"],
+            **frame_of(model).describe(),
         }
 
     label = f"extract-{model.name}-shard-{'all' if shard is None else shard}"

@@ -298,18 +298,15 @@ def train(f: Fusion, ex: Executor) -> None:
 def evaluate(f: Fusion, ex: Executor) -> None:
     """Every suite on the fused model, the baseline and each source; then the comparison."""
     config = f.config
-    models = {
-        label: (a.path / "model", a.key, config.target.trust_remote_code)
-        for label, a in f.trained.items()
-    }
+    models = {label: (a.path / "model", a.key, f.target) for label, a in f.trained.items()}
     if config.evaluation.sources:
         for m in f.sources:
-            models[m.name] = (m.path, m.identity, m.ref.trust_remote_code)
+            models[m.name] = (m.path, m.identity, m)
     params = {"suites": config.evaluation.suites, "limit": config.evaluation.limit}
     with ex.tracker.stage("evaluate", params=params):
-        for label, (path, key, remote) in models.items():  # one at a time: each loads a model
+        for label, (path, key, loaded_as) in models.items():  # one at a time: each loads a model
             for suite in config.evaluation.suites:
-                unit = evaluate_unit(path, key, label, suite, config, trust_remote_code=remote)
+                unit = evaluate_unit(path, key, label, suite, config, loaded_as=loaded_as)
                 result = ex.run(unit)
                 f.results.setdefault(label, {})[suite] = result
                 _log_score(ex, result, label, suite)

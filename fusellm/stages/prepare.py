@@ -37,6 +37,8 @@ def fetch_model(name: str, ref: ModelRef, identity: str, workdir: Path) -> Model
     path = Path(fetch(ref, Path(workdir) / "cache"))
     tokenizer = load_tokenizer(path, ref)
     loaded = f"{identity}:{ref.dtype}:{ref.trust_remote_code}"
+    if (ref.document_start, ref.document_end) != ("auto", "auto"):  # another frame, another model
+        loaded += f":{ref.document_start}:{ref.document_end}"
     return ModelFiles(name, ref, path, loaded, tokenizer_fingerprint(tokenizer))
 
 

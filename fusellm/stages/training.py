@@ -38,8 +38,9 @@ def train_key(
     """The fused model depends on the fused store; the baseline only on the target's token ids.
 
     The baseline (lam = 1) reads the target's own extraction store, but only its token ids
-    count, and those follow from the pieces, the target's tokenizer and the extraction code:
-    a new top-k or a changed source never retrains it.
+    count, and those follow from the pieces, the target's tokenizer and the extraction code
+    (the target's identity holds its document frame): a new top-k or a changed source never
+    retrains it.
     """
     ignored = SCHEDULING_FIELDS | (FUSION_ONLY_FIELDS if baseline else set())
     training = training_config(config, baseline=baseline).model_dump(mode="json", exclude=ignored)
