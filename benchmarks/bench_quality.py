@@ -21,6 +21,12 @@ without it. Re-running the same command reuses everything and only re-scores.
     FUSELLM_CACHE=~/.cache/fusellm .venv/bin/python benchmarks/bench_quality.py \\
         --work /var/tmp/fusellm-quality --seeds 0 1 2
 
+With ``--real`` the same protocol runs on three real pretrained models (`fusellm.demo.real`:
+target SmolLM2-135M, sources SmolLM2, Gemma-3-270M, Qwen2.5-Coder-0.5B), with less text:
+
+    .venv/bin/python benchmarks/bench_quality.py --real --work /var/tmp/fusellm-real \
+        --seeds 0 1 2 --candidates k10
+
 Prints a table per part (validation, test), the validation choice, and a final JSON line.
 """
 
@@ -70,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"some of {list(candidates(DEFAULT_DEMO_RECIPE))}",
     )
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's steps")
+    parser.add_argument(
+        "--real", action="store_true", help="three real pretrained models (fusellm.demo.real)"
+    )
     args = parser.parse_args(argv)
     if len(args.seeds) < 3:
         print("fewer than 3 seeds: a screen, not the protocol (one seed has no spread)")
@@ -77,13 +86,23 @@ def main(argv: list[str] | None = None) -> None:
     from fusellm.demo.recipe import run_recipe
     from fusellm.demo.sources import build_sources
 
+    options: dict = {}
     base = DEFAULT_DEMO_RECIPE
+    if args.real:
+        from fusellm.demo import real
+
+        base = real.REAL_RECIPE
+        options = {
+            "heldout_bytes": real.REAL_HELDOUT_BYTES,
+            "score_batch": real.REAL_SCORE_BATCH,
+            "config_updates": real.REAL_CONFIG_UPDATES,
+        }
     if args.steps:
         base = base.model_copy(update={"steps": args.steps})
     chosen = {name: candidates(base)[name] for name in args.candidates}
     order = sorted(chosen, key=lambda n: chosen[n].rest_bucket)  # baselines come with non-rest
     work = Path(args.work)
-    paths = build_sources(progress=False).paths
+    paths = real.real_sources(progress=False) if args.real else build_sources(progress=False).paths
     started = time.perf_counter()
     runs: dict[str, dict[int, dict]] = {name: {} for name in chosen}
     baselines: dict[str, dict[int, dict]] = {p: {} for p in HELDOUT_PARTS}  # part -> seed -> row
@@ -100,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                 baseline=seed not in baseline_model,
                 score_sources=not sources,
                 progress=False,
+                **options,
             )
             if not sources:
                 sources = {
@@ -122,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                         "baseline": {p: baselines[p][seed] for p in HELDOUT_PARTS},
                         "states": result["states"],
                         "seconds": runs[name][seed]["seconds"],
+                        "fused_stats": result["fused_stats"],
                     }
                 ),
                 flush=True,

@@ -1,10 +1,10 @@
 """Held-out bits per byte: the one likelihood that compares models with different tokenizers.
 
 Perplexity per token rewards a tokenizer that cuts text into more, easier pieces; bits per byte
-charges every model for the same characters. For each text the model sees
-``[BOS] + tokens(text) + [EOS]`` and pays the negative log-likelihood of every token after the
-BOS, the EOS included (ending a document is part of modelling it), so every byte of the text is
-predicted exactly once:
+charges every model for the same characters. For each text the model sees it framed as
+extraction frames a piece (`fusellm.data.framing`: its document start, the text, its document
+end) and pays the negative log-likelihood of every token after the start, the end included
+(ending a document is part of modelling it), so every byte of the text is predicted exactly once:
 
     bits/byte = sum of next-token NLL in nats / ln 2 / number of UTF-8 bytes of the texts
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from fusellm.data.framing import document_frame
 
 _DEFAULT_MAX_LENGTH = 1024
 
@@ -64,14 +66,10 @@ def scored_windows(ids: list[int], max_length: int) -> list[tuple[list[int], lis
 
 
 def _context_and_end(tokenizer) -> tuple[int, int]:
-    eos = tokenizer.eos_token_id
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
-    if eos is None:
-        raise ValueError(
-            f"tokenizer {type(tokenizer).__name__} has no EOS token; bits per byte needs one "
-            "to score the end of each text"
-        )
-    return bos, eos
+    """The document frame extraction uses (`fusellm.data.framing`): the start token conditions
+    the first character, the end token is scored as the text's last prediction."""
+    frame = document_frame(tokenizer)
+    return (frame.start if frame.start is not None else frame.end), frame.end
 
 
 @torch.inference_mode()

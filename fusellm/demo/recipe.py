@@ -132,14 +132,14 @@ def fusion_texts(recipe: DemoRecipe) -> list[str]:
     return mixed
 
 
-def heldout_texts(part: str = "test") -> dict[str, list[str]]:
-    """The fixed evaluation texts of one half of the held-out split, first `HELDOUT_BYTES`.
+def heldout_texts(part: str = "test", max_bytes: int = HELDOUT_BYTES) -> dict[str, list[str]]:
+    """The fixed evaluation texts of one half of the held-out split, first `max_bytes` per domain.
 
     ``test`` (the default: what the demo reports) or ``validation`` (what recipes are chosen on).
     """
     if part not in HELDOUT_PARTS:
         raise ValueError(f"unknown held-out part {part!r}; expected one of {HELDOUT_PARTS}")
-    return {d: load_split(d, part, max_bytes=HELDOUT_BYTES) for d in DOMAINS}
+    return {d: load_split(d, part, max_bytes=max_bytes) for d in DOMAINS}
 
 
 def run_recipe(
@@ -151,6 +151,9 @@ def run_recipe(
     baseline: bool = True,
     score_sources: bool = True,
     progress: bool = True,
+    heldout_bytes: int = HELDOUT_BYTES,
+    score_batch: int = 8,
+    config_updates: dict | None = None,
 ) -> dict:
     """Fuse with the library alone and score the models; returns one table per part and timings.
 
@@ -161,7 +164,9 @@ def run_recipe(
     pieces, extraction and fused data, and the baseline (keyed on the pieces, the target's
     tokenizer and the training fields) is shared by every top-k and fusion method.
     ``result["tables"][part]`` is {model: {domain: bits per byte, "mean": ...}};
-    ``result["table"]`` is the test table when test was scored.
+    ``result["table"]`` is the test table when test was scored. `heldout_bytes`: text per
+    domain and part that scores each model, `score_batch` texts at a time; `config_updates`: sections of the fusion config to
+    update (e.g. a larger extraction batch for real models).
     """
     import torch
 
@@ -184,6 +189,8 @@ def run_recipe(
         eval_dir=out / "data" / "eval",
         workdir=out / "work",
     )
+    for section, values in (config_updates or {}).items():
+        raw[section] = {**raw.get(section, {}), **values}
     raw["tracking"]["register_model"] = False
     raw["evaluation"]["baseline"] = baseline
     ex = Executor()
@@ -193,7 +200,10 @@ def run_recipe(
     models = {**(paths if score_sources else {}), **trained}
     tables = {}
     for part in parts:
-        tables[part] = bits_per_byte_table(models, heldout_texts(part), progress=progress)
+        texts = heldout_texts(part, heldout_bytes)
+        tables[part] = bits_per_byte_table(
+            models, texts, batch_size=score_batch, progress=progress
+        )
         for row in tables[part].values():
             row["mean"] = sum(row[d] for d in DOMAINS) / len(DOMAINS)
     return {
