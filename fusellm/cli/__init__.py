@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from fusellm.cli.init import init_command
+from fusellm.cli.models import models_app
 from fusellm.cli.plan import plan_command
 from fusellm.cli.schema import schema_command
 from fusellm.cli.ui import ui_command
@@ -34,3 +35,4 @@ app.command("init")(init_command)
 app.command("validate")(validate_command)
 app.command("plan")(plan_command)
 app.command("schema")(schema_command)
+app.add_typer(models_app, name="models")
