@@ -1,49 +1,95 @@
-"""Top-k store size and fidelity: our shards vs the published layout (fp16 + int64 Arrow lists).
+"""Top-k store size, speed and fidelity at k = 10 for three vocabulary sizes.
 
-A random-weight Llama with the real Llama-2 vocabulary (32,000 ids) is run over real text; its
-top-10 distributions go through `extract_topk` (our store) and through an Arrow table with one
-list<int64> and one list<float16> column per position group, as the published scripts keep them.
-Reports bytes per token for both, and the largest error on a top-k probability after our round
-trip (against float64 log-softmax of the same forward pass).
+The data are SYNTHETIC, shaped like a real model's output (no model runs here):
+- ids follow a Zipf law (exponent 1) over the whole vocabulary, mostly in frequency order (low
+  ids frequent, as in BPE vocabularies; each id's place is its frequency rank with log-normal
+  noise), distinct within a row;
+- each position's distribution has Zipf-shaped logits with a random slope, and a confident top-1
+  at 30 % of the positions;
+- the next input token is drawn from that distribution (a calibrated model: top-1 is the next
+  token ~57 % of the time, the top-10 hold it ~77 %), else it is a Zipf draw;
+- per-token CE is -log p(next token), float32, NaN at the last position.
 
-    .venv/bin/python benchmarks/bench_store.py [--pieces 64] [--tokens 512]
+Reports bytes per token per model (per-token CE included) for 49,152, 151,936 and 262,144 ids,
+beside what format version 1 (plain arrays: uint16 ids up to 65,536 entries, uint32 above)
+and the published layout (Arrow lists of int64 ids and fp16 values) take for the same records;
+the largest error on a probability after the round trip (against float64 truth); whether ids,
+codes and the float16 per-token CE came back exactly; write and read times (one shard, 2 runs,
+the faster), version 1's beside them (its arrays written and read as it did).
+
+    .venv/bin/python benchmarks/bench_store.py [--pieces 64] [--tokens 2048]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import itertools
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
-from _common import emit, load_tokenizer, real_text
+from _common import emit
 from pyarrow import feather
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
-from fusellm.data.extract import extract_topk
-from fusellm.data.store import open_topk
-from fusellm.testing.tiny import tiny_model
+from fusellm.data import store as topk_store
+from fusellm.data.store import TopkRecord, encode_logprobs, open_topk, write_topk
 
-
-def pieces_of(tokenizer, text: str, n: int, tokens: int) -> list[str]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = enc["offset_mapping"]
-    out, start = [], 0
-    for i in range(tokens, len(spans), tokens):
-        out.append(text[spans[start][0] : spans[i - 1][1]])
-        start = i
-        if len(out) == n:
-            break
-    return out
+VOCABS = (49_152, 151_936, 262_144)
+TOP_K = 10
 
 
-def published_bytes(store, folder: Path) -> int:
-    """Bytes of the same top-k as the published Arrow layout (per position: int64 ids, fp16 values)."""
-    ids, values = [], []
-    for record in store:
-        ids.extend(record.ids.tolist())
-        values.extend(np.exp(record.logprobs).astype(np.float16).tolist())
+def realistic_records(
+    n: int, vocab: int, tokens: int, k: int = TOP_K, seed: int = 0
+) -> tuple[list[TopkRecord], list[np.ndarray]]:
+    """Synthetic records shaped like a real model's (module docstring); also the exact log-probs."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(vocab)
+    rank_to_id = np.argsort(np.log1p(ranks) + rng.normal(0, 0.5, vocab), kind="stable")
+    cdf = np.cumsum(1.0 / (ranks + 1.0))
+    cdf /= cdf[-1]
+
+    def draw(shape):
+        return rank_to_id[np.minimum(np.searchsorted(cdf, rng.random(shape)), vocab - 1)]
+
+    records, truth = [], []
+    for _ in range(n):
+        length = int(rng.integers(tokens // 2, tokens + 1))
+        cand = draw((length, 4 * k))  # the first k distinct ids of each row
+        order = np.argsort(cand, axis=1, kind="stable")
+        ordered = np.take_along_axis(cand, order, 1)
+        first = np.ones_like(ordered, dtype=bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        keep = np.zeros_like(first)
+        np.put_along_axis(keep, order, first, 1)
+        ids = np.take_along_axis(cand, np.argsort(~keep, axis=1, kind="stable")[:, :k], 1)
+        slope = rng.uniform(0.3, 3.0, (length, 1))
+        logits = -slope * np.log(np.arange(1, 257)) + rng.normal(0, 0.7, (length, 256))
+        logits[:, 0] += np.where(rng.random(length) < 0.3, rng.uniform(3, 12, length), 0)
+        logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+        top = -np.sort(-logp, axis=1)[:, :k]
+        rank = (rng.random(length)[:, None] >= np.cumsum(np.exp(top), 1)).sum(1)
+        hit = rank < k
+        at = np.minimum(rank, k - 1)
+        nxt = np.where(hit, ids[np.arange(length), at], draw(length))
+        input_ids = np.concatenate([draw(1), nxt[:-1]])
+        miss = top[:, -1] + np.log(rng.uniform(1e-3, 1, length))
+        token_ce = np.where(hit, -top[np.arange(length), at], -miss).astype(np.float32)
+        token_ce[-1] = np.nan
+        ce = float(np.mean(token_ce[:-1]))
+        records.append(TopkRecord(input_ids, ids, top.astype(np.float32), ce, token_ce))
+        truth.append(top)
+    return records, truth
+
+
+def published_bytes(records: list[TopkRecord], truth: list[np.ndarray], folder: Path) -> int:
+    """The same top-k in the published Arrow layout (per position: int64 ids, fp16 values)."""
+    ids = [row for r in records for row in r.ids.tolist()]
+    values = [row for t in truth for row in np.exp(t).astype(np.float16).tolist()]
     table = pa.table(
         {
             "ids": pa.array(ids, type=pa.list_(pa.int64())),
@@ -55,36 +101,106 @@ def published_bytes(store, folder: Path) -> int:
     return path.stat().st_size
 
 
+def best_of(fn, repeats: int = 2) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def measure(vocab: int, pieces: int, tokens: int, folder: Path) -> dict:
+    records, truth = realistic_records(pieces, vocab, tokens, seed=vocab)
+    n_tokens = sum(len(r) for r in records)
+    shard_size = len(records)
+
+    def write():
+        out = folder / f"v2-{vocab}-{time.perf_counter_ns()}"
+        manifest = write_topk(
+            out, records, top_k=TOP_K, vocab_size=vocab, meta={}, shard_size=shard_size
+        )
+        return manifest, out
+
+    write_s, (manifest, out) = best_of(write)
+    read_s, back = best_of(lambda: list(open_topk(out)))
+
+    def write_v1():  # version 1: the plain arrays in a safetensors file, hashed
+        data = save_safetensors(topk_store._shard_arrays(records, TOP_K, vocab))
+        (folder / f"v1-{vocab}.safetensors").write_bytes(data)
+        hashlib.sha256(data).hexdigest()
+        return len(data)
+
+    def read_v1():
+        data = (folder / f"v1-{vocab}.safetensors").read_bytes()
+        hashlib.sha256(data).hexdigest()
+        arrays = load_safetensors(data)
+        offsets = arrays["offsets"]
+        for a, b in itertools.pairwise(offsets):
+            codes = arrays["topk_codes"][a:b]
+            np.where(codes == 0, -1, arrays["topk_ids"][a:b].astype(np.int64))
+            topk_store.decode_logprobs(codes)
+            arrays["token_ce"][a:b].astype(np.float32)
+
+    write_v1_s, v1_bytes = best_of(write_v1)
+    read_v1_s, _ = best_of(read_v1)
+    worst, exact = 0.0, True
+    for original, got, true_lp in zip(records, back, truth):
+        codes = encode_logprobs(original.logprobs)
+        kept = got.ids >= 0
+        exact &= bool(np.array_equal(got.input_ids, original.input_ids))
+        exact &= bool(np.array_equal(got.ids, np.where(codes == 0, -1, original.ids)))
+        exact &= bool(np.array_equal(encode_logprobs(got.logprobs), codes))
+        exact &= bool(
+            np.array_equal(
+                got.token_ce.astype(np.float16).view(np.uint16),
+                original.token_ce.astype(np.float16).view(np.uint16),
+            )
+        )
+        err = np.abs(np.where(kept, np.exp(got.logprobs), 0) - np.exp(true_lp))
+        worst = max(worst, float(err.max()))
+    mb = n_tokens * TOP_K * 1e-6  # millions of top-k entries
+    return {
+        "vocab": vocab,
+        "tokens": n_tokens,
+        "bytes_per_token": round(manifest["bytes_per_token"], 2),
+        "v1_bytes_per_token": round(v1_bytes / n_tokens, 2),
+        "published_bytes_per_token": round(published_bytes(records, truth, folder) / n_tokens, 2),
+        "max_prob_error": round(worst, 5),
+        "lossless": exact,
+        "write_s": round(write_s, 3),
+        "read_s": round(read_s, 3),
+        "v1_write_s": round(write_v1_s, 3),
+        "v1_read_s": round(read_v1_s, 3),
+        "write_mentries_per_s": round(mb / write_s, 1),
+        "read_mentries_per_s": round(mb / read_s, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pieces", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=2048, help="most tokens a piece has")
     args = parser.parse_args()
-    tokenizer = load_tokenizer("llama-spm")
-    model = tiny_model("llama", tokenizer, seed=0, hidden=128, layers=2)
-    with torch.no_grad():  # sharpen the random model so distributions look like a trained one's
-        model.lm_head.weight.mul_(40)
-    pieces = pieces_of(tokenizer, real_text(), args.pieces, args.tokens)
+    print(
+        f"SYNTHETIC data shaped like a real model's output (Zipf ids, top-1 = next token often; "
+        f"see the docstring), k = {TOP_K}, per-token CE stored, {args.pieces} pieces of "
+        f"{args.tokens // 2}-{args.tokens} tokens per vocabulary, one shard"
+    )
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        manifest = extract_topk(model, tokenizer, pieces, folder / "ours", top_k=10, progress=False)
-        store = open_topk(folder / "ours")
-        worst = 0.0
-        for i in range(0, len(pieces), max(1, len(pieces) // 8)):
-            ids = tokenizer(pieces[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            with torch.no_grad():
-                logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1).numpy()
-            record = store[i]
-            ok = record.ids >= 0
-            exact = np.exp(np.take_along_axis(logp, np.where(ok, record.ids, 0), -1))
-            worst = max(worst, float(np.abs(np.where(ok, np.exp(record.logprobs), 0) - np.where(ok, exact, 0)).max()))
-        ours = manifest["bytes_per_token"]
-        theirs = published_bytes(store, folder) / manifest["tokens"]
-    print(f"tokens {manifest['tokens']}: ours {ours:.1f} B/token (with per-token CE), "
-          f"published layout {theirs:.1f} B/token, ratio {theirs / ours:.2f}x; "
-          f"max top-k probability error after round trip {worst:.4f}")
-    emit({"bench": "store", "ours_bytes_per_token": round(ours, 2), "published_bytes_per_token": round(theirs, 2),
-          "ratio": round(theirs / ours, 2), "max_prob_error": round(worst, 5), "tokens": manifest["tokens"]})
+        for vocab in VOCABS:
+            r = measure(vocab, args.pieces, args.tokens, Path(tmp))
+            results.append(r)
+            print(
+                f"vocab {vocab:>7,}: {r['bytes_per_token']:5.2f} B/token/model "
+                f"(format 1: {r['v1_bytes_per_token']:.2f}, published layout: "
+                f"{r['published_bytes_per_token']:.2f}); max probability error "
+                f"{r['max_prob_error']:.4f}, ids/codes/token CE exact: {r['lossless']}; "
+                f"write {r['write_s']:.3f} s (format 1: {r['v1_write_s']:.3f}), read "
+                f"{r['read_s']:.3f} s (format 1: {r['v1_read_s']:.3f}) for {r['tokens']:,} tokens"
+            )
+    emit({"bench": "store", "synthetic": True, "top_k": TOP_K, "results": results})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
+import hashlib
+import json
+
 import numpy as np
 import pytest
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
+from fusellm.data import store as topk_store
 from fusellm.data.store import (
+    CorruptStoreError,
     StoreError,
     TopkRecord,
     TopkWriter,
@@ -34,6 +41,59 @@ def random_records(n, vocab=32000, k=10, length=(20, 60), seed=0, token_ce=True)
     return out
 
 
+def realistic_records(n, vocab, k=10, length=(400, 600), seed=0):
+    """Records shaped like a real model's (as benchmarks/bench_store.py makes them): Zipf ids
+    mostly in frequency order, Zipf-shaped distributions, the next token drawn from them."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(vocab)
+    rank_to_id = np.argsort(np.log1p(ranks) + rng.normal(0, 0.5, vocab), kind="stable")
+    cdf = np.cumsum(1.0 / (ranks + 1.0))
+    cdf /= cdf[-1]
+
+    def draw(shape):
+        return rank_to_id[np.minimum(np.searchsorted(cdf, rng.random(shape)), vocab - 1)]
+
+    out = []
+    for _ in range(n):
+        T = int(rng.integers(*length))
+        cand = draw((T, 4 * k))
+        order = np.argsort(cand, axis=1, kind="stable")
+        ordered = np.take_along_axis(cand, order, 1)
+        first = np.ones_like(ordered, dtype=bool)
+        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        keep = np.zeros_like(first)
+        np.put_along_axis(keep, order, first, 1)
+        ids = np.take_along_axis(cand, np.argsort(~keep, axis=1, kind="stable")[:, :k], 1)
+        logits = -rng.uniform(0.3, 3.0, (T, 1)) * np.log(np.arange(1, 257))
+        logits = logits + rng.normal(0, 0.7, (T, 256))
+        logits[:, 0] += np.where(rng.random(T) < 0.3, rng.uniform(3, 12, T), 0)
+        top = -np.sort(-(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)), 1)[:, :k]
+        rank = (rng.random(T)[:, None] >= np.cumsum(np.exp(top), 1)).sum(1)
+        at = np.minimum(rank, k - 1)
+        nxt = np.where(rank < k, ids[np.arange(T), at], draw(T))
+        token_ce = np.where(
+            rank < k, -top[np.arange(T), at], -top[:, -1] - np.log(rng.uniform(1e-3, 1, T))
+        ).astype(np.float32)
+        token_ce[-1] = np.nan
+        input_ids = np.concatenate([draw(1), nxt[:-1]])
+        out.append(TopkRecord(input_ids, ids, top.astype(np.float32), 2.0, token_ce))
+    return out
+
+
+def assert_exact(back, original):
+    """Ids, codes and the float16 bits of the per-token CE read back exactly."""
+    codes = encode_logprobs(original.logprobs)
+    np.testing.assert_array_equal(back.input_ids, original.input_ids)
+    np.testing.assert_array_equal(back.ids, np.where(codes == 0, -1, original.ids))
+    np.testing.assert_array_equal(encode_logprobs(back.logprobs), codes)
+    np.testing.assert_array_equal(back.ce, np.float32(original.ce))  # NaN == NaN here
+    if original.token_ce is None:
+        assert back.token_ce is None
+    else:
+        bits = original.token_ce.astype(np.float16).view(np.uint16)
+        np.testing.assert_array_equal(back.token_ce.astype(np.float16).view(np.uint16), bits)
+
+
 def test_round_trip_ids_exact_probabilities_within_001(tmp_path):
     records = random_records(30)
     manifest = write_topk(tmp_path, records, top_k=10, vocab_size=32000, meta={"m": 1}, shard_size=8)
@@ -52,12 +112,15 @@ def test_round_trip_ids_exact_probabilities_within_001(tmp_path):
         np.testing.assert_allclose(back.token_ce, original.token_ce, rtol=1e-3)
 
 
-def test_at_most_35_bytes_per_token_at_k10(tmp_path):
-    records = random_records(64, length=(400, 600), token_ce=True)
-    manifest = write_topk(tmp_path, records, top_k=10, vocab_size=50432, meta={}, shard_size=32)
-    assert manifest["bytes_per_token"] <= 35
+@pytest.mark.parametrize("vocab", [49_152, 262_144])
+def test_at_most_25_bytes_per_token_at_k10_on_realistic_data(tmp_path, vocab):
+    records = realistic_records(64, vocab, seed=vocab)
+    manifest = write_topk(tmp_path, records, top_k=10, vocab_size=vocab, meta={}, shard_size=64)
+    assert manifest["bytes_per_token"] <= 25  # with per-token CE; 32-bit ids were ~56
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("shard-*.safetensors"))
     assert on_disk == manifest["bytes"]
+    for original, back in zip(records, open_topk(tmp_path)):
+        assert_exact(back, original)
 
 
 def test_codec_error_bound_over_the_whole_range():
@@ -77,12 +140,54 @@ def test_empty_slots_round_trip(tmp_path):
     assert np.isneginf(back.logprobs[ids < 0]).all()
 
 
-def test_uint32_ids_for_large_vocabularies(tmp_path):
-    records = random_records(3, vocab=150_000)
-    write_topk(tmp_path, records, top_k=10, vocab_size=150_000, meta={})
-    back = open_topk(tmp_path)
-    assert back.manifest["id_dtype"] == "uint32"
-    np.testing.assert_array_equal(back[2].input_ids, records[2].input_ids)
+def test_ids_beyond_16_bits_and_edge_cases_round_trip_exactly(tmp_path):
+    vocab = 262_144
+    records = random_records(3, vocab=vocab)
+    edge = records[0]
+    edge.ids[0] = [vocab - 1, 0, 1, 2, 3, 65_535, 65_536, 1 << 17, vocab - 2, 7]
+    edge.ids[1, :3] = edge.input_ids[2]  # the next token, repeated
+    edge.input_ids[:3] = [vocab - 1, 0, 65_536]
+    edge.ids[2, 5:] = -1  # empty slots
+    edge.logprobs[2, 5:] = -np.inf
+    edge.token_ce[:4] = [0.0, np.inf, 6.0e4, 1e-7]
+    one = TopkRecord(np.array([5]), np.full((1, 10), 4), np.zeros((1, 10), np.float32), 0.5,
+                     np.array([np.nan], np.float32))
+    empty = TopkRecord(np.zeros(0, np.int64), np.zeros((0, 10), np.int64),
+                       np.zeros((0, 10), np.float32), float("nan"), np.zeros(0, np.float32))
+    records += [one, empty]
+    write_topk(tmp_path, records, top_k=10, vocab_size=vocab, meta={}, shard_size=3)
+    for original, back in zip(records, open_topk(tmp_path)):
+        assert_exact(back, original)
+
+
+def test_store_without_token_ce_and_empty_store(tmp_path):
+    records = realistic_records(5, 151_936, length=(20, 40))
+    for r in records:
+        r.token_ce = None
+    write_topk(tmp_path / "a", records, top_k=10, vocab_size=151_936, meta={})
+    for original, back in zip(records, open_topk(tmp_path / "a")):
+        assert_exact(back, original)
+    manifest = write_topk(tmp_path / "b", [], top_k=10, vocab_size=151_936, meta={})
+    assert manifest["count"] == 0 and len(open_topk(tmp_path / "b")) == 0
+
+
+def test_format_1_stores_are_still_read_and_unknown_versions_refused(tmp_path):
+    records = random_records(5)
+    write_topk(tmp_path, records, top_k=10, vocab_size=32000, meta={"m": 1}, shard_size=3)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for entry, part in zip(manifest["shards"], (records[:3], records[3:])):  # as version 1 wrote
+        data = save_safetensors(topk_store._shard_arrays(part, 10, 32000))
+        (tmp_path / entry["file"]).write_bytes(data)
+        entry["bytes"] = len(data)
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    for original, back in zip(records, open_topk(tmp_path)):
+        assert_exact(back, original)
+    with pytest.raises(StoreError, match="version=1"):  # never extended in the new format
+        TopkWriter(tmp_path, top_k=10, vocab_size=32000, meta={"m": 1}, shard_size=3)
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(StoreError, match="version 99.*extract it again"):
+        open_topk(tmp_path)
 
 
 def test_corrupted_shard_is_detected_by_checksum(tmp_path):
@@ -95,6 +200,25 @@ def test_corrupted_shard_is_detected_by_checksum(tmp_path):
     store[0]  # the intact shard still reads
     with pytest.raises(StoreError, match="shard-00001.safetensors.*sha256"):
         store[7]
+
+
+def test_damaged_streams_are_named_even_without_the_checksum(tmp_path):
+    write_topk(tmp_path, random_records(4), top_k=10, vocab_size=32000, meta={})
+    shard = tmp_path / "shard-00000.safetensors"
+    data = shard.read_bytes()
+    tensors = load_safetensors(data)
+    index = topk_store._header_metadata(data)["streams"].split(",")
+    cases = {
+        "missing": ",".join(index[:-1] + ["renamed:" + index[-1].split(":")[1]]),
+        "add up": ",".join(index[:-1] + [index[-1].split(":")[0] + ":1"]),
+    }
+    for match, damaged in cases.items():
+        shard.write_bytes(save_safetensors(tensors, metadata={"streams": damaged}))
+        manifest = json.loads((tmp_path / "manifest.json").read_text())
+        manifest["shards"][0]["bytes"] = shard.stat().st_size
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(CorruptStoreError, match=f"shard-00000.safetensors.*{match}"):
+            open_topk(tmp_path, verify=False)[0]
 
 
 def test_truncated_shard_is_named(tmp_path):

@@ -6,20 +6,39 @@ Layout of a store folder:
     shard-00000.safetensors    records [0, shard_size)
     shard-00001.safetensors    ...
 
-A shard holds, for its records concatenated along the token axis:
-    offsets    int64  [n + 1]   record i spans tokens offsets[i]:offsets[i+1]
-    input_ids  u16/u32 [T]      the record's token ids
-    topk_ids   u16/u32 [T, k]   top-k next-token ids at each position
-    topk_codes uint8  [T, k]    probabilities, companded: code = round(255 * p ** (1/3));
-                                code 0 = empty slot (read back as id -1, log-prob -inf)
-    ce         float32 [n]      mean next-token cross-entropy of each record
-    token_ce   float16 [T]      optional: -log p(token t+1) at position t (NaN at the last one)
+What a shard holds, for its records concatenated along the token axis (T tokens, n records):
+    input_ids  [T]      the records' token ids
+    topk_ids   [T, k]   top-k next-token ids at each position
+    topk_codes [T, k]   probabilities as 8-bit codes, code = round(255 * p ** (1/3));
+                        code 0 = empty slot (read back as id -1, log-prob -inf)
+    ce         [n]      mean next-token cross-entropy of each record (float32)
+    token_ce   [T]      optional: -log p(token t+1) at position t, float16 (NaN at the last one)
 
-At k = 10 and a vocabulary below 65,536 that is 2 + 20 + 10 = 32 bytes per token (34 with
-per-token CE) against ~100 in the published Arrow lists (fp16 values + int64 ids). The cube-root
-code keeps the absolute error on any probability below 0.006 (at p near 1) while small
-probabilities keep a relative precision of a few percent; probabilities under 7.5e-9 read back as
-empty slots (id -1, log-prob -inf: weight zero in the loss).
+On disk (format version 2) the shard is a safetensors file with `offsets` (int64 [n + 1]: record
+i spans tokens offsets[i]:offsets[i+1]), `ce`, and `streams`: byte streams, each compressed with
+zstd on its own, named with their compressed lengths in the header's metadata. Everything is
+lossless (ids, codes and the float16 bits of `token_ce` read back exactly); the streams only
+arrange the numbers so that zstd's entropy coder sees simple distributions:
+
+- ids: a top-k id equal to the next input token (top-1 is the model's guess, and often right)
+  becomes 0 (so does an empty slot), any other id v becomes v + 1. Each id is then split into a symbol (its bit length
+  and 3 leading bits, one byte) and its remaining low bits; one symbol stream per column
+  (input ids, rank 0, ..., rank k-1), the low bits pooled over the columns by their number (an
+  incomplete byte in a stream of its own per width, whole bytes together). Top-k ids of real
+  models crowd on frequent, low ids, so the symbols carry most of the information.
+- codes: rank 0 as is, rank j > 0 as the drop from rank j - 1 (mod 256), one stream per rank
+  and per quarter of the previous code's range.
+- token_ce: the float16 bits minus the bits of -3 ln(code / 255) for the slot that holds the
+  next token (or for the last slot when none does), zigzag-coded and split as the ids are. The
+  prediction table is stored in the shard (`token_ce_table`), so decoding needs no float maths.
+
+At k = 10 with per-token CE that is 22-24 bytes per token on data shaped like a real model's,
+for 49,152 to 262,144 entries (format 1 took 34 with 16-bit ids, 56 with 32-bit ids), against
+~100 in the published Arrow lists (fp16 values + int64 ids); `benchmarks/bench_store.py`
+measures it. The cube-root code keeps the absolute error on any probability below 0.006 (at p
+near 1) while small probabilities keep a relative precision of a few percent; probabilities
+under 7.5e-9 read back as empty slots (id -1, log-prob -inf: weight zero in the loss). Stores of
+format version 1 (the same numbers as plain arrays, uint16 or uint32 ids) are still read.
 
 Shards are written to a temporary name and renamed; the manifest is rewritten (atomically) after
 each shard, so an interrupted writer leaves a valid prefix that a new writer resumes from.
@@ -33,6 +52,7 @@ much of that mass its top-k holds (`topk_mass`, see `topk_mass_summary`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -41,17 +61,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
+import zstandard
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
-from fusellm.io.files import CorruptFileError, sha256_file, write_json_atomic
+from fusellm.io.files import CorruptFileError, write_json_atomic
 
 FORMAT = "fusellm-topk"
-VERSION = 1
+VERSION = 2  # 2: zstd-compressed streams; 1: plain arrays (still read)
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 _CODE_MAX = 255
 _POWER = 3.0
 MASS_LEVELS = {"ge_50": 0.5, "ge_90": 0.9, "ge_99": 0.99}  # top-k mass shares in the manifest
+# zstd's fastest positive level, matching runs of 7 bytes or more only: what these streams hold
+# is skewed symbol frequencies (zstd's Huffman coding), not repeats, and short matches cost
+# more than they save (higher levels make the streams larger, except 19, 1.5 % smaller at 100x
+# the time)
+_ZSTD_LEVEL, _ZSTD_MIN_MATCH = 1, 7
+# Part of format version 2 (a reader must use the writer's values):
+_LEAD_BITS = 3  # leading bits of an integer kept in its symbol
+_CONTEXT_SHIFT = 6  # a code's drop is coded per rank and per quarter of the previous code
 
 
 class StoreError(RuntimeError):
@@ -89,11 +119,13 @@ def decode_logprobs(codes: np.ndarray) -> np.ndarray:
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds every id of the vocabulary."""
+    """Smallest unsigned dtype that holds every id of the vocabulary (in memory, and on disk in
+    format version 1)."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def _shard_arrays(records: Sequence[TopkRecord], top_k: int, vocab_size: int) -> dict:
+    """The shard's numbers as plain arrays (what format version 1 stored, and what a read gives)."""
     dtype = id_dtype(vocab_size)
     lengths = [len(r) for r in records]
     offsets = np.zeros(len(records) + 1, dtype=np.int64)
@@ -118,13 +150,267 @@ def _shard_arrays(records: Sequence[TopkRecord], top_k: int, vocab_size: int) ->
     arrays = {
         "offsets": offsets,
         "input_ids": input_ids.astype(dtype),
-        "topk_ids": np.where(empty, 0, ids).astype(dtype),
+        "topk_ids": np.where(codes == 0, 0, ids).astype(dtype),
         "topk_codes": codes,
         "ce": np.array([r.ce for r in records], dtype=np.float32),
     }
     if records and all(r.token_ce is not None for r in records):
         arrays["token_ce"] = np.concatenate([r.token_ce for r in records]).astype(np.float16)
     return arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Format version 2: the arrays as zstd-compressed byte streams (lossless)
+
+
+def _symbol_tables() -> tuple[np.ndarray, np.ndarray]:
+    """Symbol -> (leading bits, width of the remaining low bits); symbols < 2**_LEAD_BITS are
+    the small integers themselves."""
+    half = 1 << (_LEAD_BITS - 1)
+    symbols = np.arange(256)
+    width = np.where(symbols < 2 * half, 0, symbols // half - 1)
+    lead = np.where(symbols < 2 * half, symbols, symbols % half + half)
+    return lead.astype(np.uint32), width.astype(np.uint8)
+
+
+_SYMBOL_LEAD, _SYMBOL_WIDTH = _symbol_tables()
+
+
+def _split_ints(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integers in [0, 2**32) -> (symbol uint8, width of the low bits, the low bits)."""
+    x = x.astype(np.uint32)
+    width = np.maximum(np.frexp(x.astype(np.float64))[1] - _LEAD_BITS, 0).astype(np.uint8)
+    lead = x >> width
+    half = 1 << (_LEAD_BITS - 1)
+    symbol = np.where(width > 0, half * width.astype(np.uint32) + lead, lead).astype(np.uint8)
+    low = x & ((np.uint32(1) << width) - np.uint32(1))
+    return symbol, width, low
+
+
+def _put_ints(streams: dict, group: str, columns: Sequence[np.ndarray]) -> None:
+    """Integer columns -> one symbol stream per column, and the low bits pooled by their width.
+
+    The low bits of one width are laid out column after column, in order within a column;
+    an incomplete top byte goes to that width's own stream, whole bytes (low byte first, one
+    plane after the other) to one stream for all widths.
+    """
+    parts: dict[int, list[np.ndarray]] = {}
+    for i, column in enumerate(columns):
+        symbol, width, low = _split_ints(column)
+        streams[f"{group}.s{i}"] = symbol
+        low = low[np.argsort(width, kind="stable")]
+        start = 0
+        for w, n in enumerate(np.bincount(width, minlength=33)):
+            if n and w:
+                parts.setdefault(w, []).append(low[start : start + n])
+            start += n
+    whole = []
+    for w in sorted(parts):
+        low = np.concatenate(parts[w]).astype("<u4")
+        full, rest = divmod(w, 8)
+        if full:
+            whole.append(low.view(np.uint8).reshape(-1, 4)[:, :full].T.ravel())
+        if rest:
+            streams[f"{group}.w{w}"] = (low >> np.uint32(8 * full)).astype(np.uint8)
+    if whole:
+        streams[f"{group}.bytes"] = np.concatenate(whole)
+
+
+def _get_ints(streams: _StreamReader, group: str, lengths: Sequence[int]) -> list[np.ndarray]:
+    """Inverse of `_put_ints`: the columns (uint32) of the given lengths."""
+    symbols = [streams.get(f"{group}.s{i}", n) for i, n in enumerate(lengths)]
+    widths = [_SYMBOL_WIDTH[s] for s in symbols]
+    counts = [np.bincount(w, minlength=33) for w in widths]
+    totals = np.sum(counts, axis=0) if counts else np.zeros(33, dtype=np.int64)
+    whole = streams.get(f"{group}.bytes", sum(int(n) * (w // 8) for w, n in enumerate(totals)))
+    planes, tops, used = {}, {}, 0
+    for w in np.nonzero(totals[1:])[0] + 1:
+        n = int(totals[w])
+        full, rest = divmod(int(w), 8)
+        planes[w] = whole[used : used + n * full].reshape(full, n)
+        used += n * full
+        if rest:
+            tops[w] = streams.get(f"{group}.w{w}", n)
+    cursor = dict.fromkeys(planes, 0)
+    out = []
+    for symbol, width, count in zip(symbols, widths, counts):
+        low = np.zeros(len(symbol), dtype=np.uint32)
+        start = 0
+        for w in np.nonzero(count)[0]:
+            n = int(count[w])
+            if w:
+                a, value = cursor[w], low[start : start + n]
+                for byte, plane in enumerate(planes[w]):
+                    value |= plane[a : a + n].astype(np.uint32) << np.uint32(8 * byte)
+                if w in tops:
+                    value |= tops[w][a : a + n].astype(np.uint32) << np.uint32(8 * (w // 8))
+                cursor[w] += n
+            start += n
+        ordered = np.empty_like(low)
+        ordered[np.argsort(width, kind="stable")] = low
+        out.append((_SYMBOL_LEAD[symbol] << width) | ordered)
+    return out
+
+
+def _put_codes(streams: dict, codes: np.ndarray) -> None:
+    """Codes [T, k] -> rank 0, then each rank's drop from the previous, split by context."""
+    streams["c0"] = codes[:, 0]
+    for j in range(1, codes.shape[1]):
+        previous = codes[:, j - 1]
+        context = previous >> _CONTEXT_SHIFT
+        drop = (previous - codes[:, j])[np.argsort(context, kind="stable")]  # uint8: mod 256
+        start = 0
+        for u, n in enumerate(np.bincount(context, minlength=256 >> _CONTEXT_SHIFT)):
+            streams[f"c{j}.{u}"] = drop[start : start + n]
+            start += n
+
+
+def _get_codes(streams: _StreamReader, length: int, top_k: int) -> np.ndarray:
+    codes = np.empty((top_k, length), dtype=np.uint8)
+    if top_k:
+        codes[0] = streams.get("c0", length)
+    for j in range(1, top_k):
+        context = codes[j - 1] >> _CONTEXT_SHIFT
+        counts = np.bincount(context, minlength=256 >> _CONTEXT_SHIFT)
+        drop = np.empty(length, dtype=np.uint8)
+        drop[np.argsort(context, kind="stable")] = np.concatenate(
+            [streams.get(f"c{j}.{u}", n) for u, n in enumerate(counts)]
+        )
+        codes[j] = codes[j - 1] - drop
+    return codes.T.copy()
+
+
+def _token_ce_table() -> np.ndarray:
+    """float16 bits of -ln p for each code's p (code 0: half the smallest code's p)."""
+    codes = np.arange(256, dtype=np.float64)
+    codes[0] = 0.5
+    return (-_POWER * np.log(codes / _CODE_MAX)).astype(np.float16).view(np.uint16)
+
+
+def _next_ids(input_ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The token after each position within its record; -1 at each record's last position."""
+    nxt = np.full(len(input_ids), -1, dtype=np.int64)
+    nxt[:-1] = input_ids[1:]
+    ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1
+    nxt[ends] = -1
+    return nxt
+
+
+def _token_ce_guess(is_next: np.ndarray, codes: np.ndarray, table: np.ndarray):
+    """Whether the next token is among the top-k, and the float16 bits of the guessed CE: the
+    table's value for the code of its slot (or of the last slot)."""
+    hit = is_next & (codes > 0)
+    found = hit.any(axis=1)
+    rank = np.where(found, hit.argmax(axis=1), codes.shape[1] - 1)
+    return found, table[codes[np.arange(len(codes)), rank]]
+
+
+def _encode_shard(arrays: dict, top_k: int) -> tuple[dict, dict]:
+    """Plain shard arrays -> (tensors, metadata) of a format 2 shard file."""
+    offsets, codes = arrays["offsets"], arrays["topk_codes"]
+    input_ids = arrays["input_ids"].astype(np.int64)
+    nxt = _next_ids(input_ids, offsets)
+    is_next = np.empty(codes.shape, dtype=bool)
+    columns = [input_ids]
+    for j in range(top_k):  # the next token -> 0 (empty slots too), any other id v -> v + 1
+        ids = arrays["topk_ids"][:, j].astype(np.int64)
+        is_next[:, j] = ids == nxt
+        columns.append(np.where(is_next[:, j] | (codes[:, j] == 0), 0, ids + 1))
+    streams: dict[str, np.ndarray] = {}
+    _put_ints(streams, "id", columns)
+    _put_codes(streams, codes)
+    tensors = {"offsets": offsets, "ce": arrays["ce"]}
+    if "token_ce" in arrays:
+        table = _token_ce_table()
+        found, guess = _token_ce_guess(is_next, codes, table)
+        diff = (arrays["token_ce"].view(np.uint16) - guess).view(np.int16).astype(np.int32)
+        zigzag = (diff << 1) ^ (diff >> 15)
+        _put_ints(streams, "tce", [zigzag[found], zigzag[~found]])
+        tensors["token_ce_table"] = table
+    compressor = zstandard.ZstdCompressor(
+        compression_params=zstandard.ZstdCompressionParameters.from_level(
+            _ZSTD_LEVEL, min_match=_ZSTD_MIN_MATCH, write_checksum=0
+        )
+    )
+    names, frames = [], []
+    for name, data in streams.items():
+        if len(data):
+            frames.append(compressor.compress(np.ascontiguousarray(data).tobytes()))
+            names.append(f"{name}:{len(frames[-1])}")
+    tensors["streams"] = np.frombuffer(b"".join(frames), dtype=np.uint8)
+    return tensors, {"streams": ",".join(names)}
+
+
+class _StreamReader:
+    """The named streams of a format 2 shard, each decompressed when asked for."""
+
+    def __init__(self, path: Path, blob: np.ndarray, index: str):
+        self.path, self.blob, self.frames = path, blob.tobytes(), {}
+        start = 0
+        for item in filter(None, index.split(",")):
+            name, size = item.rsplit(":", 1)
+            self.frames[name] = (start, start + int(size))
+            start += int(size)
+        if start != len(self.blob):
+            raise CorruptStoreError(path, f"{path}: streams do not add up to the stored bytes")
+        self.decompressor = zstandard.ZstdDecompressor()
+
+    def get(self, name: str, length: int) -> np.ndarray:
+        if name not in self.frames:
+            if length:
+                raise CorruptStoreError(self.path, f"{self.path}: stream {name} is missing")
+            return np.zeros(0, dtype=np.uint8)
+        a, b = self.frames[name]
+        try:
+            data = self.decompressor.decompress(self.blob[a:b], max_output_size=length)
+        except zstandard.ZstdError as err:
+            raise CorruptStoreError(self.path, f"{self.path}: stream {name}: {err}") from err
+        if len(data) != length:
+            raise CorruptStoreError(
+                self.path, f"{self.path}: stream {name} holds {len(data)} bytes, not {length}"
+            )
+        return np.frombuffer(data, dtype=np.uint8)
+
+
+def _decode_shard(path: Path, tensors: dict, metadata: dict, top_k: int, vocab_size: int) -> dict:
+    """A format 2 shard file's tensors -> the plain shard arrays."""
+    offsets = tensors["offsets"]
+    tokens = int(offsets[-1])
+    streams = _StreamReader(path, tensors["streams"], metadata.get("streams", ""))
+    columns = _get_ints(streams, "id", [tokens] * (top_k + 1))
+    input_ids = columns[0]
+    nxt = _next_ids(input_ids, offsets).astype(np.uint32)  # -1 -> 2**32 - 1: never read
+    codes = _get_codes(streams, tokens, top_k)
+    dtype = id_dtype(vocab_size)
+    ids = np.empty((tokens, top_k), dtype=dtype)
+    is_next = np.empty((tokens, top_k), dtype=bool)
+    for j, marked in enumerate(columns[1:]):
+        is_next[:, j] = marked == 0
+        marked -= np.uint32(1)
+        np.copyto(marked, nxt, where=is_next[:, j])
+        marked[codes[:, j] == 0] = 0
+        ids[:, j] = marked
+    arrays = {
+        "offsets": offsets,
+        "input_ids": input_ids.astype(dtype),
+        "topk_ids": ids,
+        "topk_codes": codes,
+        "ce": tensors["ce"],
+    }
+    if "token_ce_table" in tensors:
+        found, guess = _token_ce_guess(is_next, codes, tensors["token_ce_table"])
+        hits, misses = _get_ints(streams, "tce", [int(found.sum()), int((~found).sum())])
+        zigzag = np.empty(tokens, dtype=np.uint32)
+        zigzag[found], zigzag[~found] = hits, misses
+        diff = ((zigzag >> np.uint32(1)) ^ -(zigzag & np.uint32(1))).astype(np.uint16)
+        arrays["token_ce"] = (diff + guess).view(np.float16)  # mod 2**16
+    return arrays
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's header."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
 
 
 def topk_mass_summary(shards: Sequence[dict]) -> dict | None:
@@ -163,8 +449,8 @@ class TopkWriter:
             "version": VERSION,
             "top_k": top_k,
             "vocab_size": vocab_size,
-            "id_dtype": id_dtype(vocab_size).name,
             "value_encoding": "cbrt-u8",
+            "compression": "zstd",
             "shard_size": shard_size,
             "meta": meta,
             "complete": False,
@@ -220,17 +506,21 @@ class TopkWriter:
         """Write the next shard; `source_sha256` identifies its inputs, `stats` is kept with it."""
         index = self.done_shards
         name = f"shard-{index:05d}.safetensors"
-        arrays = _shard_arrays(records, self.manifest["top_k"], self.manifest["vocab_size"])
+        top_k = self.manifest["top_k"]
+        arrays = _shard_arrays(records, top_k, self.manifest["vocab_size"])
+        tensors, metadata = _encode_shard(arrays, top_k)
+        data = save_safetensors(tensors, metadata=metadata)
         tmp = self.dir / f".{name}.tmp-{os.getpid()}"
-        save_file(arrays, str(tmp))
+        with open(tmp, "wb") as handle:
+            handle.write(data)
         entry = {
             "index": index,
             "file": name,
             "first": self.manifest["count"],
             "count": len(records),
             "tokens": int(arrays["offsets"][-1]),
-            "bytes": tmp.stat().st_size,
-            "sha256": sha256_file(tmp),
+            "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(),
             "source_sha256": source_sha256,
             "stats": stats or {},
         }
@@ -292,8 +582,13 @@ class TopkStore:
             raise CorruptStoreError(
                 manifest_path, f"{manifest_path}: not valid JSON ({err})"
             ) from err
-        if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
-            raise StoreError(f"{manifest_path}: not a {FORMAT} v{VERSION} store")
+        if self.manifest.get("format") != FORMAT:
+            raise StoreError(f"{manifest_path}: not a {FORMAT} store")
+        if self.manifest.get("version") not in READABLE_VERSIONS:
+            raise StoreError(
+                f"{manifest_path}: {FORMAT} version {self.manifest.get('version')!r}, this code "
+                f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; extract it again"
+            )
         if not self.manifest.get("complete"):
             raise StoreError(
                 f"{manifest_path}: the store is incomplete (its writer was interrupted)"
@@ -329,13 +624,21 @@ class TopkStore:
                     f"{path}: size {path.stat().st_size} != {entry['bytes']} in the manifest "
                     "(truncated or overwritten)",
                 )
-            if self.verify and sha256_file(path) != entry["sha256"]:
+            data = path.read_bytes()
+            if self.verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise CorruptStoreError(
                     path, f"{path}: sha256 does not match the manifest (corrupted shard)"
                 )
             try:
-                with safe_open(str(path), framework="numpy") as f:
-                    arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (not a dict)
+                tensors = load_safetensors(data)
+                if self.manifest["version"] == 1:
+                    arrays = tensors
+                else:
+                    metadata = _header_metadata(data)
+                    vocab = self.manifest["vocab_size"]
+                    arrays = _decode_shard(path, tensors, metadata, self.top_k, vocab)
+            except CorruptStoreError:
+                raise
             except Exception as err:  # safetensors raises several types on damaged headers
                 raise CorruptStoreError(path, f"{path}: unreadable shard ({err})") from err
             if len(self._open) >= 4:  # keep memory bounded when streaming a large store
