@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast lint demo bench clean
+.PHONY: venv test test-fast lint demo demo-real bench clean
 
 venv: $(STAMP)
 
@@ -31,8 +31,12 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fusellm demo
 
+# Three real pretrained LLMs (fetched once into ~/.cache/fusellm), about an hour on 2 cores.
+demo-real: $(STAMP)
+	$(BIN)/fusellm demo --real --out fusellm-demo-real
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) fusellm-demo
+	rm -rf $(VENV) fusellm-demo fusellm-demo-real

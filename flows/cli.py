@@ -162,8 +162,17 @@ def demo_command(
     ] = Path("fusellm-demo"),
     seed: Annotated[int, typer.Option(help="seeds sources and training")] = 0,
     home: Home = None,
+    real: Annotated[
+        bool,
+        typer.Option(
+            "--real",
+            help="fuse three real pretrained LLMs (SmolLM2-135M, Gemma-3-270M, "
+            "Qwen2.5-Coder-0.5B; fetched once into the cache) instead of the built tiny ones",
+        ),
+    ] = False,
 ) -> None:
-    """Run the miniature FuseLLM demo on this CPU and write fusellm-demo/report.{json,md,png}."""
+    """Run the miniature FuseLLM demo on this CPU and write <out>/report.{json,md,png}."""
+    from fusellm.demo.real import REAL_RECIPE
     from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE
     from fusellm.demo.run import run_demo
     from fusellm.settings import apply_embedded_defaults, data_dir
@@ -172,17 +181,41 @@ def demo_command(
     apply_embedded_defaults(home)  # before Prefect is imported
     from fusellm_flows.fuse import fuse
 
-    recipe = DEFAULT_DEMO_RECIPE.model_copy(update={"seed": seed})
+    recipe = (REAL_RECIPE if real else DEFAULT_DEMO_RECIPE).model_copy(update={"seed": seed})
     _run_flow(
-        lambda: run_demo(fuse, out, recipe=recipe, home=home),
+        lambda: run_demo(fuse, out, recipe=recipe, home=home, real=real),
         flow="fuse",
         home=home,
         command="demo",
     )
 
 
+def _command(args: list[str]) -> str:
+    return next((a for a in args if not a.startswith("-")), "")
+
+
 def main() -> None:  # pragma: no cover - console entry point
+    """The `fusellm` command. A command that needs a module of an extra that is not installed
+    ends with one line naming the module and the extra, and exit code 1, not a traceback."""
+    import sys
+
+    from fusellm.extras import install_command, missing_extra
+
+    command = _command(sys.argv[1:])
     try:
         app()
+    except ModuleNotFoundError as err:
+        # `fusellm train` / `eval` name their own extra; the flows need `orchestration`
+        missing = missing_extra(err, prefer=(command, "orchestration"))
+        if missing is None:
+            raise
+        module, extra = missing
+        typer.secho(
+            f"error: fusellm {command} needs {module}, which is not installed: "
+            f"{install_command(extra)}",
+            fg="red",
+            err=True,
+        )
+        raise SystemExit(1) from None
     finally:  # Prefect's goodbye (stopping its temporary server) must not follow our last line
         logging.getLogger("prefect").setLevel(logging.WARNING)

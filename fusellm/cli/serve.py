@@ -40,7 +40,7 @@ from fusellm.settings import (
     ui_servers,
 )
 
-DEMO_FOLDERS = {"full": "demo", "tiny": "demo-tiny"}
+DEMO_FOLDERS = {"full": "demo", "tiny": "demo-tiny", "real": "demo-real"}
 
 # (config file, parsed config) -> serve the deployments until Ctrl-C / SIGTERM.
 Deploy = Callable[[Path, FusionConfig], None]
@@ -73,7 +73,9 @@ def ensure_demo_config(home: Path, size: str = "full") -> tuple[Path, FusionConf
     recipe, sources = demo_recipes(size)
     from rich.console import Console
 
-    return prepare_demo(path.parent, recipe=recipe, sources_recipe=sources, console=Console())
+    return prepare_demo(
+        path.parent, recipe=recipe, sources_recipe=sources, console=Console(), real=size == "real"
+    )
 
 
 def serve(
@@ -138,7 +140,8 @@ def serve_command(
         str,
         typer.Option(
             "--demo-size",
-            help="without --config: the demo to build (full; tiny: seconds-sized models)",
+            help="without --config: the demo to build (full; tiny: seconds-sized models; "
+            "real: three real pretrained LLMs, fetched once)",
         ),
     ] = "full",
     prefect_port: PrefectPort = PREFECT_PORT,

@@ -50,3 +50,16 @@ def real_sources(progress: bool = True) -> dict[str, Path]:
     from fusellm.io.pretrained import ensure_model
 
     return {short: Path(ensure_model(name, progress=progress)) for short, name in REAL_MODELS.items()}
+
+
+def real_config(raw: dict) -> dict:
+    """The demo's config (`fusellm.demo.run.demo_config`) adjusted for real models."""
+    raw = {**raw, "name": "fusellm-demo-real"}
+    for section, values in REAL_CONFIG_UPDATES.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    raw["tracking"] = {
+        **raw["tracking"],
+        "experiment": "fusellm-demo-real",
+        "registered_model": "fusellm-demo-real-fused",
+    }
+    return raw

@@ -83,11 +83,12 @@ def continuation_questions(
     return out
 
 
-def write_eval_data(folder: Path) -> dict[str, int]:
-    """The `local` suite's data under ``folder/fusellm/local``: held-out text and questions."""
-    from fusellm.demo.recipe import heldout_texts
+def write_eval_data(folder: Path, max_bytes: int | None = None) -> dict[str, int]:
+    """The `local` suite's data under ``folder/fusellm/local``: held-out text and questions
+    (`max_bytes` of text per domain; default: the demo's)."""
+    from fusellm.demo.recipe import HELDOUT_BYTES, heldout_texts
 
-    texts = heldout_texts()
+    texts = heldout_texts(max_bytes=max_bytes or HELDOUT_BYTES)
     root = folder / "fusellm" / "local"
     counts, questions = {}, []
     for domain, docs in texts.items():
@@ -162,19 +163,24 @@ def flow_suite_results(run_id: str, suite: str = "local") -> dict[str, dict]:
     return out
 
 
-DEMO_SIZES = ("full", "tiny")
+DEMO_SIZES = ("full", "tiny", "real")
 
 
 def demo_recipes(size: str = "full"):
     """(DemoRecipe, DemoSourcesRecipe) of the demo: `full` is `make demo`'s; `tiny` keeps the
     demo's shape (three architectures and tokenizers, the mixed corpus, the baseline, the
     `local` suite) with models of a few thousand parameters and two training steps, built in
-    seconds: for smoke tests of the plumbing, not for the method's gains."""
+    seconds: for smoke tests of the plumbing, not for the method's gains; `real` fuses three
+    real pretrained LLMs (`fusellm.demo.real`) and has no sources recipe."""
     from fusellm.demo.data import DemoSplits
     from fusellm.demo.sources import DEFAULT_RECIPE, DemoSourcesRecipe, SourceRecipe
 
     if size == "full":
         return DEFAULT_DEMO_RECIPE, DEFAULT_RECIPE
+    if size == "real":  # real pretrained sources: fetched, not built (fusellm.demo.real)
+        from fusellm.demo.real import REAL_RECIPE
+
+        return REAL_RECIPE, None
     if size != "tiny":
         raise ValueError(f"demo size {size!r}: expected one of {', '.join(DEMO_SIZES)}")
     small = {
@@ -214,33 +220,41 @@ def prepare_demo(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     console=None,
+    real: bool = False,
 ) -> tuple[Path, FusionConfig]:
-    """Steps 1-3 of the demo: sources (built or cached), corpus and evaluation data, and
-    ``<out>/config.yaml``; returns the config file and the parsed config."""
+    """Steps 1-3 of the demo: sources (built or cached; `real`: the three real pretrained
+    models, fetched into the cache), corpus and evaluation data, and ``<out>/config.yaml``;
+    returns the config file and the parsed config."""
     from fusellm.config import parse_fusion_config
+    from fusellm.demo import real as real_demo
     from fusellm.demo.sources import DEFAULT_RECIPE, build_sources
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    sources_recipe = (sources_recipe or DEFAULT_RECIPE).model_copy(update={"seed": recipe.seed})
     say = console.print if console is not None else (lambda *a, **k: None)
     rule = console.rule if console is not None else (lambda *a, **k: None)
 
     rule("[bold]1/5 sources")
-    built = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress)
+    if real:
+        paths = real_demo.real_sources(progress=progress)
+    else:
+        sources_recipe = (sources_recipe or DEFAULT_RECIPE).model_copy(update={"seed": recipe.seed})
+        paths = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress).paths
     rule("[bold]2/5 data")
     data = out / "data"
     n_docs = write_corpus(data / "corpus.jsonl", recipe)
-    counts = write_eval_data(data / "eval")
+    counts = write_eval_data(data / "eval", real_demo.REAL_HELDOUT_BYTES if real else None)
     say(f"fusion corpus: {n_docs} documents; held-out: {counts}")
     rule("[bold]3/5 config")
     raw = demo_config(
         recipe,
-        built.paths,
+        paths,
         corpus=data / "corpus.jsonl",
         eval_dir=data / "eval",
         workdir=out / "work",
     )
+    if real:
+        raw = real_demo.real_config(raw)
     config_path = write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     say(f"wrote {config_path}")
     return config_path, parse_fusion_config(raw, source=str(config_path))
@@ -255,8 +269,11 @@ def run_demo(
     cache_dir: str | Path | None = None,
     home: str | Path | None = None,
     progress: bool = True,
+    real: bool = False,
 ) -> dict:
     """Build, fuse, evaluate and report; returns the report mapping (see `fusellm.demo.report`).
+
+    `real`: fuse the three real pretrained models (`fusellm.demo.real`, `make demo-real`).
 
     `fuse` runs the fusion and returns its summary: the Prefect `fuse` flow (flows/fuse.py),
     handed in by the command line so that the library never imports the orchestration.
@@ -276,6 +293,7 @@ def run_demo(
         cache_dir=cache_dir,
         progress=progress,
         console=console,
+        real=real,
     )
     console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
     summary = fuse(config)
