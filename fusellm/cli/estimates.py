@@ -8,10 +8,11 @@ local corpus's size at ~4 bytes per token. Each figure says where it came from.
 
 The arithmetic (docs/planning.md): extraction is one forward pass per model, 2·N·T FLOPs; training
 is 6·N·T per run (forward and backward; gradient checkpointing's recomputation and attention are
-not counted, as usual for MFU); a store holds, per token, the input id and k ids (2 bytes each
-below 65,536 vocabulary entries, else 4), k one-byte probability codes and, with per-token CE, a
-float16 (`fusellm.data.store`): 32 bytes at k = 10, 34 with per-token CE. The fused store is the
-same format in the target's vocabulary, without per-token CE. GPU-hours = FLOPs / (MFU · peak).
+not counted, as usual for MFU); a store (`fusellm.data.store`, format 2: zstd-compressed streams)
+is planned at `store_bytes_per_token`, 24 bytes a token at k = 10, 25.5 with per-token CE, an
+upper figure for what `benchmarks/bench_store.py` measures on model-shaped synthetic data. The
+fused store is the same format in the target's vocabulary, without per-token CE.
+GPU-hours = FLOPs / (MFU · peak).
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from fusellm.config import FusionConfig
-from fusellm.data.store import id_dtype
 from fusellm.io.sources import ModelRef
 from fusellm.io.uris import S3URI, HubURI, LocalURI, parse_uri
 
@@ -46,15 +46,23 @@ GATED_MLP = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
 # Store format
 
 
-def store_bytes_per_token(top_k: int, vocab_size: int | None, token_ce: bool) -> int:
-    """Bytes one token takes in a top-k store (`fusellm.data.store`), records' 12 bytes aside.
+def store_bytes_per_token(top_k: int, token_ce: bool) -> float:
+    """Bytes one token is planned to take in a top-k store (`fusellm.data.store`, format 2),
+    the 12 bytes per piece (`RECORD_BYTES`) aside: 2 + 2.2 per top-k rank, 1.5 more with
+    per-token CE; 24 at k = 10, 25.5 with per-token CE.
 
-    An unknown vocabulary is taken to fit 16-bit ids (Llama-2, Mistral, MPT, GPT-2 all do).
+    Format 2 compresses, so what a store takes depends on its data. The figure is an upper
+    bound, with 6-40 % to spare, of what the store writes on SYNTHETIC data shaped like a real
+    model's output (`benchmarks/bench_store.py`'s: Zipf ids, the next token often the top-1),
+    measured at k = 1, 10 and 32 for 32,000 to 262,144 vocabulary entries, with and without
+    per-token CE (k = 10 with per-token CE: 21.7 bytes at 32,000 entries, 24.0 at 262,144, in
+    shards of ~8,000 tokens; larger shards take a little less, 21.8-23.6 in the benchmark's).
+    It holds for every vocabulary size measured, so the vocabulary is not needed. Real models'
+    outputs were not measured. Ids no model produces, uniformly random over the vocabulary, take
+    more: ~32 bytes at k = 10 with per-token CE and 32,000 entries, ~36 at 262,144 (format 1's
+    plain arrays took 34 and 56).
     """
-    ids = id_dtype(vocab_size or 1 << 16).itemsize
-    codes = np.dtype(np.uint8).itemsize
-    ce = np.dtype(np.float16).itemsize if token_ce else 0
-    return ids * (1 + top_k) + codes * top_k + ce
+    return 2.0 + 2.2 * top_k + (1.5 if token_ce else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +342,7 @@ def estimate(config: FusionConfig, report=None, *, mfu: float = 0.4, peak_tflops
     rows = _extraction_rows(models, config, report)
     target = next(m for m in models if "target" in m.roles)
     fused_tokens = _done_info(report, "fused-data").get("tokens") or target.tokens
-    per_token = store_bytes_per_token(config.extraction.top_k, target.vocab_size, False)
+    per_token = store_bytes_per_token(config.extraction.top_k, False)
     fused_bytes = None if fused_tokens is None else fused_tokens * per_token
     fusion = _status(report, r"fuse-shard-\w+", "fused-data", r"vocab-map-.+")
     rows.append(
@@ -384,12 +392,6 @@ def _count_tokens(models: list[ModelEstimate], config: FusionConfig, report) -> 
             "corpus tokens unknown: set planning.corpus_tokens (or --set "
             "planning.corpus_tokens=1.8e9)"
         )
-    unknown = [m.name for m in models if m.vocab_size is None]
-    if unknown:
-        notes.append(
-            f"vocabulary of {', '.join(unknown)} unknown: taken to fit 16-bit ids (above 65,536 "
-            "entries ids take 4 bytes)"
-        )
     return notes
 
 
@@ -398,7 +400,7 @@ def _extraction_rows(models: list[ModelEstimate], config: FusionConfig, report) 
     rows = []
     for m in models:
         tokens, n = m.tokens, m.parameters
-        per_token = store_bytes_per_token(e.top_k, m.vocab_size, e.token_ce)
+        per_token = store_bytes_per_token(e.top_k, e.token_ce)
         name = re.escape(m.name)
         rows.append(
             Row(
