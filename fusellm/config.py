@@ -146,6 +146,13 @@ class FusionOptions(_Section):
         description="prefix: the longest target token that is a prefix of the source token's "
         "text (always a valid continuation); mined: the published minimum edit distance",
     )
+    next_token: Literal["map", "target"] = Field(
+        "map",
+        title="Source's next token",
+        description="where a source's probability of the token it really reads next goes: map "
+        "(through the vocabulary map, as published) or target (to the target's own next token: "
+        "the same text in the target's segmentation)",
+    )
     workers: int | None = Field(
         None,
         ge=1,

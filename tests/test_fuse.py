@@ -59,6 +59,26 @@ def test_transfer_maps_merges_and_fills_one_hot():
     np.testing.assert_allclose(np.exp(lp[2, 0]), 0.8, rtol=1e-6)
 
 
+def test_transfer_credits_the_sources_own_next_token_to_the_targets():
+    """next_token="target": the source's mass on the token it really reads next (its own
+    segmentation of the text) goes to the target's next token, not through the map."""
+    source_ids = np.array([[0, 1, 2], [2, 3, 0]])
+    source_lp = np.log(np.array([[0.5, 0.3, 0.1], [0.6, 0.2, 0.1]]))
+    to_target = np.array([10, 10, 12, 11])
+    alignment = np.array([1, -1, 0])
+    target_next = np.array([20, 21, -1])
+    source_next = np.array([1, 3])  # source position 0 reads id 1 next, position 1 reads id 3
+    ids, lp, _ = transfer(source_ids, source_lp, alignment, to_target, target_next, 3, source_next)
+    # target position 0 <- source row 1: id 3 (its next token, 0.2) goes to the target's 20
+    np.testing.assert_array_equal(ids[0], [12, 20, 10])
+    np.testing.assert_allclose(np.exp(lp[0]), [0.6, 0.2, 0.1], rtol=1e-6)
+    # target position 2 has no next token: the map stays (id 1 -> 10 merges with id 0 -> 10)
+    np.testing.assert_array_equal(ids[2, :2], [10, 12])
+    np.testing.assert_allclose(np.exp(lp[2, :2]), [0.8, 0.1], rtol=1e-6)
+    plain, _, _ = transfer(source_ids, source_lp, alignment, to_target, target_next, 3)
+    np.testing.assert_array_equal(plain[0], [12, 11, 10])
+
+
 def test_transfer_never_looks_up_empty_slots_or_padding_rows():
     """A model's output can be larger than its tokenizer: ids past the map are dropped, counted."""
     to_target = np.array([10, 11, 12])  # the tokenizer has 3 entries; the model 6 output rows
@@ -167,6 +187,30 @@ def test_build_fused_store(fusion_inputs, method, granularity):
         np.testing.assert_array_equal(fused[i].input_ids, target[i].input_ids)
         rows = fused[i].logprobs[:-1]
         assert (np.exp(rows).sum(-1) <= 1.02).all() and np.isfinite(rows[:, 0]).all()
+
+
+def test_next_token_target_puts_more_mass_on_the_targets_own_tokens(fusion_inputs):
+    """avg_ce mixes the source in everywhere; crediting its mass on its own next token to the
+    target's own token can only add to that token (the random tiny source seldom ranks its
+    true next token in its top-4, so the semantics are pinned by the transfer test above)."""
+    root, pieces, t_tok, source = fusion_inputs
+    target = open_topk(root / "target")
+    mass = {}
+    for mode in ("map", "target"):
+        out = root / f"fused-next-{mode}"
+        build_fused_store(pieces, t_tok, target, [source], out, method="avg_ce", next_token=mode,
+                          progress=False)
+        fused = open_topk(out)
+        assert fused.meta["next_token"] == mode
+        total = 0.0
+        for i in range(len(pieces)):
+            rec, nxt = fused[i], target[i].input_ids[1:]
+            hit = rec.ids[:-1] == nxt[:, None]
+            total += float(np.where(hit, np.exp(rec.logprobs[:-1]), 0).sum())
+        mass[mode] = total
+    assert mass["target"] >= mass["map"] > 0
+    with pytest.raises(ValueError, match="next_token='nope'"):
+        build_fused_store(pieces, t_tok, target, [source], root / "x", next_token="nope")
 
 
 def test_sequence_min_ce_picks_the_lower_byte_ce(fusion_inputs):

@@ -59,6 +59,7 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "fusion.granularity": ("token", FUSED),
     "fusion.ce_unit": ("token", FUSED),
     "fusion.vocab_map": ("mined", {"vocab-map-llama", "vocab-map-neox"} | FUSED),
+    "fusion.next_token": ("target", FUSED),
     "fusion.workers": (2, set()),
     "training.lam": (0.5, {"train-fused", "evaluate-fused-local", "compare", "register"}),
     "training.temperature": (2.0, {"train-fused", "evaluate-fused-local", "compare", "register"}),

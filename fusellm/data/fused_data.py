@@ -34,6 +34,7 @@ from fusellm.method.vocab import VocabMap
 GRANULARITIES = ("sequence", "token")
 CE_UNITS = ("token", "byte")
 ALIGNMENTS = ("offsets", "dtw")
+NEXT_TOKENS = ("map", "target")
 
 
 @dataclass
@@ -141,13 +142,15 @@ def _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefix, a
 
 def fuse_piece(
     text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k,
-    alignment="offsets", duplicates=(), prefixes=None,
+    alignment="offsets", duplicates=(), prefixes=None, next_token="map",
 ):
     """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring.
 
     `duplicates`: indices of sources that are the target itself; they are not candidates again.
     `prefixes`: positions before the text in the target's and each source's records (document
-    start tokens; default none).
+    start tokens; default none). `next_token`: where a source's mass on the token it really
+    reads next goes: "map" (through the vocabulary map) or "target" (to the token the target
+    really reads next; `fusellm.method.fuse.transfer`).
     """
     t_prefix, *s_prefixes = prefixes or [0] * (1 + len(sources))
     t_ends = framed_ends(text, target_tokenizer, target_record, t_prefix, "target")
@@ -173,7 +176,10 @@ def fuse_piece(
             _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefixes[n], alignment)
         )
         vmap = source.vocab_map
-        ids, lps, dropped = transfer(record.ids, record.logprobs, pairs, vmap.source_to_target, target_next, k)
+        source_next = np.append(record.input_ids[1:], -1) if next_token == "target" else None
+        ids, lps, dropped = transfer(
+            record.ids, record.logprobs, pairs, vmap.source_to_target, target_next, k, source_next
+        )
         column.append(len(candidates))
         candidates.append((ids, lps))
         seq_ce.append(_sequence_ce(record, n_bytes, ce_unit))
@@ -211,6 +217,7 @@ def build_fused_store(
     granularity: str = "sequence",
     ce_unit: str = "byte",
     alignment: str = "offsets",
+    next_token: str = "map",
     top_k: int | None = None,
     shard_size: int = 256,
     progress: bool = True,
@@ -221,6 +228,7 @@ def build_fused_store(
         (granularity, GRANULARITIES, "granularity"),
         (ce_unit, CE_UNITS, "ce_unit"),
         (alignment, ALIGNMENTS, "alignment"),
+        (next_token, NEXT_TOKENS, "next_token"),
     ):
         if value not in allowed:
             raise ValueError(f"{field}={value!r}; expected one of {', '.join(allowed)}")
@@ -247,6 +255,7 @@ def build_fused_store(
         "granularity": granularity,
         "ce_unit": ce_unit,
         "alignment": alignment,
+        "next_token": next_token,
         "prefix_tokens": prefixes[0],
         "document": {k_: v for k_, v in target_store.meta.items() if k_.startswith("document_")},
     }
@@ -266,7 +275,7 @@ def build_fused_store(
             ids, lps, stats = fuse_piece(
                 pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
                 method=method, granularity=granularity, ce_unit=ce_unit, k=k, alignment=alignment,
-                duplicates=duplicates, prefixes=prefixes,
+                duplicates=duplicates, prefixes=prefixes, next_token=next_token,
             )
             for source, stat in zip(sources, stats):
                 for key, value in stat.items():

@@ -23,7 +23,8 @@ def candidates(base: DemoRecipe) -> dict[str, DemoRecipe]:
     The rest bucket asks for the teacher's real probabilities (about a third of the mass on the
     top 10 here) rather than all of it, a weaker pull per step than the renormalised target;
     the ``-lam`` variants give that calibrated target more weight. ``k10-token`` chooses the
-    candidate per position (MinCE on each position's CE) instead of per piece.
+    candidate per position (MinCE on each position's CE) instead of per piece; ``k10-next``
+    credits a source's mass on its own next token to the target's own next token.
     """
     k10, k100 = {"top_k": 10, "rest_bucket": False}, {"top_k": 100, "rest_bucket": False}
     rest = {"rest_bucket": True}
@@ -31,6 +32,7 @@ def candidates(base: DemoRecipe) -> dict[str, DemoRecipe]:
         "k10": base.model_copy(update=k10),
         "k10-lam0.8": base.model_copy(update={**k10, "lam": 0.8}),
         "k10-token": base.model_copy(update={**k10, "granularity": "token"}),
+        "k10-next": base.model_copy(update={**k10, "next_token": "target"}),
         "k10-rest": base.model_copy(update={**k10, **rest}),
         "k10-rest-lam0.7": base.model_copy(update={**k10, **rest, "lam": 0.7}),
         "k10-rest-lam0.5": base.model_copy(update={**k10, **rest, "lam": 0.5}),

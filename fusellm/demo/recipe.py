@@ -50,6 +50,9 @@ class DemoRecipe(BaseModel):
     method: Literal["min_ce", "avg_ce", "avg_ce_unnormalised"] = "min_ce"
     granularity: Literal["sequence", "token"] = "sequence"
     ce_unit: Literal["byte", "token"] = "byte"
+    next_token: Literal["map", "target"] = Field(
+        "map", description="where a source's mass on its own next token goes (fusion.next_token)"
+    )
     lam: float = Field(0.9, ge=0, lt=1, description="CLM weight of the fused model")
     temperature: float = Field(1.0, gt=0)
     rest_bucket: bool = Field(

@@ -128,6 +128,7 @@ def demo_config(
             "method": recipe.method,
             "granularity": recipe.granularity,
             "ce_unit": recipe.ce_unit,
+            "next_token": recipe.next_token,
         },
         "training": recipe.train_fields(recipe.lam),
         "evaluation": {"suites": ["local"], "data_dir": str(eval_dir), "batch_size": 8},

@@ -59,6 +59,7 @@ def transfer(
     source_to_target: np.ndarray,
     target_next: np.ndarray,
     k: int,
+    source_next: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """A source's top-k moved onto the target's positions and vocabulary.
 
@@ -69,6 +70,13 @@ def transfer(
     is larger than its tokenizer (MPT-7B: 50,432 rows for ~50,277 tokens); unmapped ids are
     dropped too. Unaligned positions, and aligned ones left with nothing, get the one-hot of
     the target's next token (as the paper). Returns (ids, logprobs, padded ids dropped).
+
+    `source_next` (the source's own next token at each of its positions, -1 after the last):
+    the mass the source puts on the token it really reads next goes to the token the target
+    really reads next. Both spell the start of the same text, cut differently (Qwen's
+    " interface" + "s" where SmolLM2 reads " interfaces"); the vocabulary map would send it to
+    the target token with the source's spelling, a segmentation the target's tokenizer never
+    produces there, so the fusion term would pull the student away from its own tokens.
     """
     if len(alignment) != len(target_next):
         raise ValueError(
@@ -89,6 +97,9 @@ def transfer(
     usable = filled & ~padded
     mapped = np.full(src.shape, EMPTY_ID, dtype=np.int64)
     mapped[usable] = source_to_target[src[usable]]
+    if source_next is not None:
+        truth = usable & (src == source_next[rows][:, None]) & (target_next[aligned][:, None] >= 0)
+        mapped[truth] = np.broadcast_to(target_next[aligned][:, None], mapped.shape)[truth]
     moved_ids, moved_lp = merge_topk(mapped, np.where(mapped >= 0, vals, -np.inf), k)
     keep = moved_ids[:, 0] >= 0  # rows where nothing survived keep the one-hot
     ids[aligned[keep]], lp[aligned[keep]] = moved_ids[keep], moved_lp[keep]

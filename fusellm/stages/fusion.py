@@ -123,6 +123,7 @@ def _fuse_shard(
         granularity=options.granularity,
         ce_unit=options.ce_unit,
         alignment=config.alignment.method,
+        next_token=options.next_token,
         shard_size=len(texts),
         progress=False,  # many shards at once: the executor reports progress per shard
     )
