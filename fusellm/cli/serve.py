@@ -88,7 +88,9 @@ def serve(
 ) -> int:
     """Start both servers, serve the deployments on them until Ctrl-C; the exit code."""
     from fusellm.cli.ui import run_servers
+    from fusellm.extras import require
 
+    require("prefect", "mlflow")  # the servers' programs come with them
     home = data_dir(home)
     values = apply_embedded_defaults(home)
     servers = ui_servers(home, prefect_port=prefect_port, mlflow_port=mlflow_port)

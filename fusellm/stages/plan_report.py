@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusellm.config import FusionConfig
+from fusellm.extras import install_command, missing_extra
 from fusellm.io.uris import S3URI, HubURI, SourceError
 from fusellm.stages.base import STAGE_FILE, Artifact, ModelFiles, Unit
-from fusellm.stages.pipeline import PlanExecutor, walk
+from fusellm.stages.pipeline import STAGES, STEPS, Fusion, PlanExecutor
 
 _SHARD = re.compile(r"-shard-(\d+|all)$")
 
@@ -165,37 +166,59 @@ class PlanReport:
         return next((u for u in self.units if u.label == label), None)
 
 
+@contextmanager
+def _tracking_of(config: FusionConfig):
+    """The tracking URI a run would use (the registration key names its registry), set back
+    afterwards; nothing to set where mlflow is not installed (`register_key` then says so)."""
+    try:
+        import mlflow
+    except ModuleNotFoundError as err:
+        if err.name != "mlflow":
+            raise
+        yield
+        return
+    previous = mlflow.get_tracking_uri()
+    if config.tracking.tracking_uri:
+        mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def plan_fusion(config: FusionConfig, *, until: str = "register") -> PlanReport:
     """Walk the fusion's stages and report what is done and what a run would compute, and why.
 
     Nothing is built, downloaded or written; the MLflow tracking URI is set only while the
-    registration key is computed, as `pipeline.plan` does.
+    registration key is computed, as `pipeline.plan` does. A stage whose key needs a module of
+    an extra that is not installed (lm-eval for `evaluate`, mlflow for `register`) stops the
+    walk there, and the report names the extra: the core alone plans the stages before it.
     """
-    import mlflow
-
     ex = LocalPlanExecutor()
     report = PlanReport(config)
-    previous = mlflow.get_tracking_uri()
-    if config.tracking.tracking_uri:  # the registry it would register in is part of a key
-        mlflow.set_tracking_uri(config.tracking.tracking_uri)
-    try:
-        walk(config, ex, until=until)
-    except NotLocal as err:
-        report.stopped = str(err)
-    except Exception as err:  # noqa: BLE001 - offline, a missing path: reported, not raised
-        report.stopped = _stop_reason(config, ex, err)
-    finally:
-        mlflow.set_tracking_uri(previous)
+    stages = STAGES[: STAGES.index(until) + 1]
+    stage = stages[0]
+    with _tracking_of(config):
+        try:  # pipeline.walk, one stage at a time: a stop names its stage
+            fusion = Fusion(config)
+            for stage in stages:
+                STEPS[stage](fusion, ex)
+        except NotLocal as err:
+            report.stopped = str(err)
+        except Exception as err:  # noqa: BLE001 - offline, a missing path: reported, not raised
+            report.stopped = _stop_reason(config, ex, err, stage)
     report.identities, report.models = ex.identities, ex.models
     report.units = [UnitPlan(u, a) for u, a in ex.units]
     _explain(report)
     return report
 
 
-def _stop_reason(config: FusionConfig, ex: LocalPlanExecutor, err: Exception) -> str:
+def _stop_reason(config: FusionConfig, ex: LocalPlanExecutor, err: Exception, stage: str) -> str:
     """Why the walk stopped; before identities were resolved, every input that cannot be."""
     if not ex.identities:
         return "identities not resolved:\n" + ("\n".join(_unresolved(config)) or _short(err))
+    if missing_extra(err):
+        return f"{stage}: {_short(err)}"
     return _short(err)
 
 
@@ -223,6 +246,9 @@ def _unresolved(config: FusionConfig) -> list[str]:
 
 
 def _short(err: Exception) -> str:
+    missing = missing_extra(err, prefer=("orchestration",))
+    if missing:
+        return f"{missing[0]} is not installed: {install_command(missing[1])}"
     text = str(err).splitlines()[0] if str(err) else ""
     return f"{err.__class__.__name__}: {text}" if not isinstance(err, SourceError) else text
 
