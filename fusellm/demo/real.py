@@ -63,3 +63,32 @@ def real_config(raw: dict) -> dict:
         "registered_model": "fusellm-demo-real-fused",
     }
     return raw
+
+
+def real_small_config() -> dict:
+    """What ``configs/real-small.yaml`` holds: the real recipe's config with the models where
+    `fusellm models fetch` puts them and the data where `make demo-real` writes it (paths
+    relative to the configs folder). tests/test_real_recipe.py keeps the file equal to this;
+    after a change to the recipe, regenerate it (keeping its comment header) with::
+
+        from pathlib import Path
+        import yaml
+        from fusellm.demo.real import real_small_config
+        path = Path("configs/real-small.yaml")
+        header = [ln for ln in path.read_text().splitlines(keepends=True) if ln.startswith("#")]
+        body = yaml.safe_dump(real_small_config(), sort_keys=False)
+        path.write_text("".join(header) + body)
+    """
+    from fusellm.demo.run import demo_config
+
+    models = Path("~/.cache/fusellm/models")
+    data = Path("../fusellm-demo-real/data")
+    return real_config(
+        demo_config(
+            REAL_RECIPE,
+            {short: models / name for short, name in REAL_MODELS.items()},
+            corpus=data / "corpus.jsonl",
+            eval_dir=data / "eval",
+            workdir=Path("../fusellm-demo-real/work"),
+        )
+    )
