@@ -43,6 +43,18 @@ def median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def max_prob_error(records, truth) -> float:
+    """Largest error of a probability read back from a top-k store: `records` as read (an
+    empty slot, id -1, counts as probability 0), `truth` the float log-probs of the same slots."""
+    import numpy as np
+
+    worst = 0.0
+    for got, true_lp in zip(records, truth, strict=True):
+        err = np.abs(np.where(got.ids >= 0, np.exp(got.logprobs), 0) - np.exp(true_lp))
+        worst = max(worst, float(err.max()))
+    return worst
+
+
 def emit(result: dict) -> None:
     """Print the final JSON line every benchmark ends with."""
     print(json.dumps(result, sort_keys=True))

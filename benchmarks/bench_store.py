@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from _common import emit
+from _common import emit, max_prob_error
 from pyarrow import feather
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
@@ -144,10 +144,9 @@ def measure(vocab: int, pieces: int, tokens: int, folder: Path) -> dict:
 
     write_v1_s, v1_bytes = best_of(write_v1)
     read_v1_s, _ = best_of(read_v1)
-    worst, exact = 0.0, True
-    for original, got, true_lp in zip(records, back, truth):
+    exact = True
+    for original, got in zip(records, back):
         codes = encode_logprobs(original.logprobs)
-        kept = got.ids >= 0
         exact &= bool(np.array_equal(got.input_ids, original.input_ids))
         exact &= bool(np.array_equal(got.ids, np.where(codes == 0, -1, original.ids)))
         exact &= bool(np.array_equal(encode_logprobs(got.logprobs), codes))
@@ -157,8 +156,7 @@ def measure(vocab: int, pieces: int, tokens: int, folder: Path) -> dict:
                 original.token_ce.astype(np.float16).view(np.uint16),
             )
         )
-        err = np.abs(np.where(kept, np.exp(got.logprobs), 0) - np.exp(true_lp))
-        worst = max(worst, float(err.max()))
+    worst = max_prob_error(back, truth)
     mb = n_tokens * TOP_K * 1e-6  # millions of top-k entries
     return {
         "vocab": vocab,
