@@ -20,6 +20,7 @@ from _common import emit, load_tokenizer, real_text
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fusellm.data.extract import _encode, extract_topk
+from fusellm.data.framing import document_frame
 
 SIZES = {
     "1b": {
@@ -82,7 +83,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).to(device).eval()
     params = sum(p.numel() for p in model.parameters())
     pieces = pieces_of(tokenizer, real_text(2_000_000), args.pieces, args.tokens)
-    encoded = _encode(pieces, tokenizer, max_length=args.tokens + 1)
+    encoded = _encode(pieces, tokenizer, args.tokens + 2, document_frame(tokenizer))
     tokens = sum(len(ids) for ids in encoded)
     batches = [encoded[i : i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
 
@@ -96,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         extract_topk(model, tokenizer, pieces, tmp, top_k=args.top_k, batch_size=args.batch_size,
-                     max_length=args.tokens + 1, progress=False)
+                     max_length=args.tokens + 2, progress=False)
         sync()
         ours = time.perf_counter() - start
     card = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"

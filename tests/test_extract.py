@@ -185,3 +185,15 @@ def test_manifest_reports_the_share_of_positions_whose_topk_holds_the_mass(tmp_p
     for name in ("ge_50", "ge_90", "ge_99"):
         assert joined["topk_mass"][name] == pytest.approx(got[name], abs=1e-12)
     assert joined["topk_mass"]["mean"] == pytest.approx(got["mean"], rel=1e-6)
+
+
+def test_tokenizer_fingerprint_is_kept_and_follows_changes(tiny_tokenizers):
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizers["bytelevel"])
+    first = tokenizer_fingerprint(tok)
+    assert tokenizer_fingerprint(tok) == first and tok._fusellm_fingerprint[1] == first
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert tokenizer_fingerprint(tok) != first
+    tok.add_special_tokens({"eos_token": "<|new|>"})  # same size, other special tokens
+    assert len({first, tokenizer_fingerprint(tok), tok._fusellm_fingerprint[1]}) == 2
