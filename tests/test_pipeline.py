@@ -118,7 +118,8 @@ def test_sharded_extraction_merges_into_one_store_and_fuses(setup):
     assert len(store) == len(texts) and len(store.manifest["shards"]) == n
     tok = tokenizer_of(target)
     for i in (0, len(texts) - 1):
-        expected = tok(texts[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        text_ids = tok(texts[i], add_special_tokens=False)["input_ids"]
+        expected = [tok.bos_token_id, *text_ids, tok.eos_token_id]  # framed as a document
         assert store[i].input_ids.tolist() == expected
         assert np.isfinite(store[i].ce)
     # Shard files are shared with the per-shard stores, not copied.
