@@ -37,8 +37,8 @@ def test_start_positions_and_shared_token_ends_pair_across_real_tokenizers(pretr
     """SmolLM2 and Qwen (both byte-level BPE, different merges) on code: the framed start
     positions pair with each other, and every pair joins contexts that end at one character."""
     text = "    def _check_interfaces(self, obj):\n        return isinstance(obj, Iterable)\n"
-    t_ids, t_ends = token_end_chars(text, pretrained_tokenizers["smollm2"])
-    s_ids, s_ends = token_end_chars(text, pretrained_tokenizers["qwen-coder"], role="source")
+    _, t_ends = token_end_chars(text, pretrained_tokenizers["smollm2"])
+    _, s_ends = token_end_chars(text, pretrained_tokenizers["qwen-coder"], role="source")
     pairs = pair_ends(np.concatenate([[0], t_ends]), np.concatenate([[0], s_ends]))
     assert pairs[0] == 0  # the start positions pair with each other
     paired = pairs[1:] >= 0
