@@ -1,6 +1,7 @@
 """Top-k store size, speed and fidelity at k = 10 for three vocabulary sizes.
 
-The data are SYNTHETIC, shaped like a real model's output (no model runs here):
+The data are SYNTHETIC, shaped like a real model's output (no model runs here;
+fusellm.testing.synthetic.model_shaped_records makes them):
 - ids follow a Zipf law (exponent 1) over the whole vocabulary, mostly in frequency order (low
   ids frequent, as in BPE vocabularies; each id's place is its frequency rank with log-normal
   noise), distinct within a row;
@@ -38,52 +39,10 @@ from safetensors.numpy import save as save_safetensors
 
 from fusellm.data import store as topk_store
 from fusellm.data.store import TopkRecord, encode_logprobs, open_topk, write_topk
+from fusellm.testing.synthetic import model_shaped_records
 
 VOCABS = (49_152, 151_936, 262_144)
 TOP_K = 10
-
-
-def realistic_records(
-    n: int, vocab: int, tokens: int, k: int = TOP_K, seed: int = 0
-) -> tuple[list[TopkRecord], list[np.ndarray]]:
-    """Synthetic records shaped like a real model's (module docstring); also the exact log-probs."""
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(vocab)
-    rank_to_id = np.argsort(np.log1p(ranks) + rng.normal(0, 0.5, vocab), kind="stable")
-    cdf = np.cumsum(1.0 / (ranks + 1.0))
-    cdf /= cdf[-1]
-
-    def draw(shape):
-        return rank_to_id[np.minimum(np.searchsorted(cdf, rng.random(shape)), vocab - 1)]
-
-    records, truth = [], []
-    for _ in range(n):
-        length = int(rng.integers(tokens // 2, tokens + 1))
-        cand = draw((length, 4 * k))  # the first k distinct ids of each row
-        order = np.argsort(cand, axis=1, kind="stable")
-        ordered = np.take_along_axis(cand, order, 1)
-        first = np.ones_like(ordered, dtype=bool)
-        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        keep = np.zeros_like(first)
-        np.put_along_axis(keep, order, first, 1)
-        ids = np.take_along_axis(cand, np.argsort(~keep, axis=1, kind="stable")[:, :k], 1)
-        slope = rng.uniform(0.3, 3.0, (length, 1))
-        logits = -slope * np.log(np.arange(1, 257)) + rng.normal(0, 0.7, (length, 256))
-        logits[:, 0] += np.where(rng.random(length) < 0.3, rng.uniform(3, 12, length), 0)
-        logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-        top = -np.sort(-logp, axis=1)[:, :k]
-        rank = (rng.random(length)[:, None] >= np.cumsum(np.exp(top), 1)).sum(1)
-        hit = rank < k
-        at = np.minimum(rank, k - 1)
-        nxt = np.where(hit, ids[np.arange(length), at], draw(length))
-        input_ids = np.concatenate([draw(1), nxt[:-1]])
-        miss = top[:, -1] + np.log(rng.uniform(1e-3, 1, length))
-        token_ce = np.where(hit, -top[np.arange(length), at], -miss).astype(np.float32)
-        token_ce[-1] = np.nan
-        ce = float(np.mean(token_ce[:-1]))
-        records.append(TopkRecord(input_ids, ids, top.astype(np.float32), ce, token_ce))
-        truth.append(top)
-    return records, truth
 
 
 def published_bytes(records: list[TopkRecord], truth: list[np.ndarray], folder: Path) -> int:
@@ -111,7 +70,8 @@ def best_of(fn, repeats: int = 2) -> tuple[float, object]:
 
 
 def measure(vocab: int, pieces: int, tokens: int, folder: Path) -> dict:
-    records, truth = realistic_records(pieces, vocab, tokens, seed=vocab)
+    length = (tokens // 2, tokens + 1)
+    records, truth = model_shaped_records(pieces, vocab, k=TOP_K, length=length, seed=vocab)
     n_tokens = sum(len(r) for r in records)
     shard_size = len(records)
 

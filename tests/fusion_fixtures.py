@@ -60,6 +60,22 @@ def build_models(root: Path, texts: list[str]) -> dict[str, Path]:
     return {"llama": root / "llama", "neox": root / "neox"}
 
 
+def tiny_hub_model(
+    cache: Path, repo_id: str = "org/tiny", sha: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
+    """A tiny GPT-NeoX-style model (byte-level BPE, 300 ids, trained on `corpus_texts()`) in a
+    Hugging Face Hub cache at `cache`, as `repo_id` at commit `sha` with `refs/main` naming it;
+    returns its snapshot folder (named `sha`)."""
+    tok = train_tokenizer(corpus_texts(), kind="bytelevel", vocab_size=300)
+    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=128)
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / sha
+    save_tiny(model, tok, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot
+
+
 def reseed_model(path: Path, seed: int) -> None:
     """New weights, same tokenizer and architecture: a source that was retrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

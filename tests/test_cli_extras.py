@@ -107,18 +107,10 @@ def test_plan_stops_at_the_stage_whose_key_needs_a_missing_extra(tmp_path):
     """The evaluation key reads lm-eval's task index and the registration key names MLflow's
     registry: without them the plan looks at every stage before, and names the extra."""
     import yaml
-    from fusion_fixtures import EVAL_DATA, corpus_texts, write_corpus
-
-    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+    from fusion_fixtures import EVAL_DATA, corpus_texts, tiny_hub_model, write_corpus
 
     texts = corpus_texts()
-    tok = train_tokenizer(texts, kind="bytelevel", vocab_size=300)
-    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=128)
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "models--org--tiny"
-    save_tiny(model, tok, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    tiny_hub_model(tmp_path / "hf")
     write_corpus(tmp_path / "corpus", texts)
     config = tmp_path / "fusion.yaml"
     data = {

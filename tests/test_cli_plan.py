@@ -214,13 +214,13 @@ def test_plan_reports_config_errors_with_file_and_field(tmp_path):
 
 def test_store_bytes_per_token_bounds_what_the_store_writes(tmp_path):
     """Format 2 compresses: the planned bytes are an upper bound, within 1.5x, of what the store
-    writes on data shaped like a real model's output (test_store's records, as
-    benchmarks/bench_store.py makes them); ids no model produces, uniformly random, take more."""
+    writes on data shaped like a real model's output (model_shaped_records, as
+    benchmarks/bench_store.py uses them); ids no model produces, uniformly random, take more."""
     import numpy as np
-    from test_store import realistic_records
 
     from fusellm.cli.estimates import RECORD_BYTES, store_bytes_per_token
     from fusellm.data.store import TopkRecord, write_topk
+    from fusellm.testing.synthetic import model_shaped_records
 
     def written(records, k, vocab, name):
         manifest = write_topk(
@@ -231,7 +231,7 @@ def test_store_bytes_per_token_bounds_what_the_store_writes(tmp_path):
     cases = [(10, 32000, True), (10, 32000, False), (10, 262144, True), (1, 50432, True)]
     cases += [(32, 128256, False)]
     for k, vocab, token_ce in cases:
-        records = realistic_records(16, vocab, k=k, seed=vocab)
+        records, _ = model_shaped_records(16, vocab, k=k, seed=vocab)
         if not token_ce:
             records = [TopkRecord(r.input_ids, r.ids, r.logprobs, r.ce) for r in records]
         tokens, size = written(records, k, vocab, f"zipf-{k}-{vocab}-{token_ce}")
@@ -368,18 +368,13 @@ def test_plan_reads_hub_models_from_the_cache_only(tmp_path, monkeypatch):
     stops the walk with its name, and nothing is downloaded or written."""
     import shutil
 
-    from fusion_fixtures import EVAL_DATA, corpus_texts, write_corpus
-
-    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+    from fusion_fixtures import EVAL_DATA, corpus_texts, tiny_hub_model, write_corpus
+    from transformers import AutoModelForCausalLM
 
     texts = corpus_texts()
-    tok = train_tokenizer(texts, kind="bytelevel", vocab_size=300)
-    model = tiny_model("gpt_neox", tok, seed=0, hidden=32, layers=1, heads=2, max_positions=128)
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "models--org--tiny"
-    save_tiny(model, tok, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
+    snapshot = tiny_hub_model(tmp_path / "hf")
+    sha = snapshot.name
+    model = AutoModelForCausalLM.from_pretrained(snapshot)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     data = {
@@ -400,8 +395,8 @@ def test_plan_reads_hub_models_from_the_cache_only(tmp_path, monkeypatch):
     (tiny,) = plan["estimate"]["models"]
     assert tiny["parameters"] == sum(p.numel() for p in model.parameters())
     assert tiny["parameters_from"] == "safetensors headers" and tiny["vocab_size"] == 300
-    shutil.rmtree(repo / "snapshots" / sha)
-    (repo / "snapshots" / sha).mkdir()  # the commit is known, its files are not here
+    shutil.rmtree(snapshot)
+    snapshot.mkdir()  # the commit is known, its files are not here
     plan = _plan(path)
     assert plan["stopped"].startswith("target tiny (hf://org/tiny@main) is not in the Hugging")
     assert "downloads nothing" in plan["stopped"] and plan["units"] == []

@@ -18,6 +18,7 @@ from fusellm.data.store import (
     open_topk,
     write_topk,
 )
+from fusellm.testing.synthetic import model_shaped_records
 
 
 def random_records(n, vocab=32000, k=10, length=(20, 60), seed=0, token_ce=True):
@@ -38,45 +39,6 @@ def random_records(n, vocab=32000, k=10, length=(20, 60), seed=0, token_ce=True)
                 token_ce=rng.uniform(0, 8, T).astype(np.float32) if token_ce else None,
             )
         )
-    return out
-
-
-def realistic_records(n, vocab, k=10, length=(400, 600), seed=0):
-    """Records shaped like a real model's (as benchmarks/bench_store.py makes them): Zipf ids
-    mostly in frequency order, Zipf-shaped distributions, the next token drawn from them."""
-    rng = np.random.default_rng(seed)
-    ranks = np.arange(vocab)
-    rank_to_id = np.argsort(np.log1p(ranks) + rng.normal(0, 0.5, vocab), kind="stable")
-    cdf = np.cumsum(1.0 / (ranks + 1.0))
-    cdf /= cdf[-1]
-
-    def draw(shape):
-        return rank_to_id[np.minimum(np.searchsorted(cdf, rng.random(shape)), vocab - 1)]
-
-    out = []
-    for _ in range(n):
-        T = int(rng.integers(*length))
-        cand = draw((T, 4 * k))
-        order = np.argsort(cand, axis=1, kind="stable")
-        ordered = np.take_along_axis(cand, order, 1)
-        first = np.ones_like(ordered, dtype=bool)
-        first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
-        keep = np.zeros_like(first)
-        np.put_along_axis(keep, order, first, 1)
-        ids = np.take_along_axis(cand, np.argsort(~keep, axis=1, kind="stable")[:, :k], 1)
-        logits = -rng.uniform(0.3, 3.0, (T, 1)) * np.log(np.arange(1, 257))
-        logits = logits + rng.normal(0, 0.7, (T, 256))
-        logits[:, 0] += np.where(rng.random(T) < 0.3, rng.uniform(3, 12, T), 0)
-        top = -np.sort(-(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)), 1)[:, :k]
-        rank = (rng.random(T)[:, None] >= np.cumsum(np.exp(top), 1)).sum(1)
-        at = np.minimum(rank, k - 1)
-        nxt = np.where(rank < k, ids[np.arange(T), at], draw(T))
-        token_ce = np.where(
-            rank < k, -top[np.arange(T), at], -top[:, -1] - np.log(rng.uniform(1e-3, 1, T))
-        ).astype(np.float32)
-        token_ce[-1] = np.nan
-        input_ids = np.concatenate([draw(1), nxt[:-1]])
-        out.append(TopkRecord(input_ids, ids, top.astype(np.float32), 2.0, token_ce))
     return out
 
 
@@ -114,7 +76,7 @@ def test_round_trip_ids_exact_probabilities_within_001(tmp_path):
 
 @pytest.mark.parametrize("vocab", [49_152, 262_144])
 def test_at_most_25_bytes_per_token_at_k10_on_realistic_data(tmp_path, vocab):
-    records = realistic_records(64, vocab, seed=vocab)
+    records, _ = model_shaped_records(64, vocab, seed=vocab)
     manifest = write_topk(tmp_path, records, top_k=10, vocab_size=vocab, meta={}, shard_size=64)
     assert manifest["bytes_per_token"] <= 25  # with per-token CE; 32-bit ids were ~56
     on_disk = sum(p.stat().st_size for p in tmp_path.glob("shard-*.safetensors"))
@@ -161,7 +123,7 @@ def test_ids_beyond_16_bits_and_edge_cases_round_trip_exactly(tmp_path):
 
 
 def test_store_without_token_ce_and_empty_store(tmp_path):
-    records = realistic_records(5, 151_936, length=(20, 40))
+    records, _ = model_shaped_records(5, 151_936, length=(20, 40))
     for r in records:
         r.token_ce = None
     write_topk(tmp_path / "a", records, top_k=10, vocab_size=151_936, meta={})
