@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -12,18 +11,6 @@ from support import tiny_texts
 from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 
 EVAL_DATA = Path(__file__).parent / "data" / "eval"
-
-
-@contextmanager
-def prefect_harness(home: Path):
-    """Prefect's test harness (a temporary local API server and database), its home in `home`:
-    what a test module's fusions run under."""
-    from prefect.settings import PREFECT_HOME, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-    from prefect.testing.utilities import prefect_test_harness
-
-    settings = {PREFECT_HOME: home, PREFECT_LOCAL_STORAGE_PATH: home / "storage"}
-    with temporary_settings(settings), prefect_test_harness(server_startup_timeout=120):
-        yield home
 
 
 def corpus_texts(n: int = 12, seed: int = 0) -> list[str]:

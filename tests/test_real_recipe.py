@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fusion_fixtures import prefect_harness
 
 from fusellm.demo.real import REAL_MODELS, REAL_RECIPE, real_config, real_small_config
 
@@ -46,12 +45,6 @@ def test_real_small_yaml_is_the_recipes_config():
 
 
 # --- the real models through the fuse flow, at the smallest size ---------------------------
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    with prefect_harness(tmp_path_factory.mktemp("prefect")) as home:
-        yield home
 
 
 def _smallest(root: Path, uri: str) -> dict:
@@ -91,18 +84,26 @@ def _smallest(root: Path, uri: str) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_real_models_fuse_register_and_load_back(harness, tmp_path, monkeypatch):
+def test_real_models_fuse_register_and_load_back(tmp_path, monkeypatch):
+    """`fusellm run` on the config, in a process of its own (its own Prefect home and local
+    API, as a user runs it), then the registered model loaded back here."""
     import torch
     from mlflow import MlflowClient
 
     from fusellm.config import parse_fusion_config
+    from fusellm.testing.faults import run_summary, start_run
     from fusellm.tracking import load_registered
-    from fusellm_flows.fuse import fuse
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    config = parse_fusion_config(_smallest(tmp_path, uri))
-    summary = fuse(config)
+    raw = _smallest(tmp_path, uri)
+    config_file = tmp_path / "real-smallest.yaml"
+    config_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    config = parse_fusion_config(raw)
+    log = tmp_path / "run.log"
+    proc = start_run(config_file, log, tmp_path / "home")
+    assert proc.wait(timeout=1500) == 0, log.read_text()[-3000:]
+    summary = run_summary(config.workdir)
 
     # the flow ran every stage once: one shard, three models, two trainings, five evaluations
     (pieces,) = config.workdir.glob("pieces/*/stage.json")
