@@ -13,11 +13,16 @@ is planned at `store_bytes_per_token`, 24 bytes a token at k = 10, 25.5 with per
 upper figure for what `benchmarks/bench_store.py` measures on model-shaped synthetic data. The
 fused store is the same format in the target's vocabulary, without per-token CE.
 GPU-hours = FLOPs / (MFU · peak).
+
+On a cluster of M nodes x N GPUs per node (`fusellm plan --gpus N --nodes M`),
+`cluster_estimate` turns the GPU-hours into wall-clock hours per stage and adds up what the
+shared work folder must hold.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -262,6 +267,7 @@ class Estimate:
         return None if flops is None else flops / self.flops_per_gpu_second / 3600
 
     cpu: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)  # `cluster_estimate`, when a cluster is given
 
     def as_dict(self) -> dict:
         rate = self.flops_per_gpu_second
@@ -281,6 +287,7 @@ class Estimate:
                 "gpu_hours": self.gpu_hours("to compute"),
             },
             "cpu": self.cpu,
+            **({"cluster": self.cluster} if self.cluster else {}),
             "notes": self.notes,
         }
 
@@ -432,3 +439,244 @@ def training_tokens(config: FusionConfig, tokens: float | None, report=None):
         f"training.max_steps={t.max_steps}: at most {bound:.3g} tokens per run "
         "(full pieces); fewer if pieces are shorter"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# On a cluster
+
+INTER_NODE_EFFICIENCY = 0.9
+"""Share of linear speed-up kept each time a data-parallel training run doubles its nodes.
+
+An assumption, not a measurement: nothing in this repository has timed training across nodes.
+Inside a node (NVLink) the GPUs are taken to scale linearly; each doubling of the nodes keeps
+0.9 of the speed (gradient all-reduce over the network): 1 node 1.0, 2 nodes 0.9, 4 nodes 0.81,
+8 nodes 0.73. Change it here to plan with a measured figure.
+"""
+# Bytes per parameter of the trained model (the module's dtype) and of one DeepSpeed checkpoint
+# (the module's weights, plus fp32 master weights, Adam's two moments with bf16: 2 + 4 + 4 + 4;
+# without bf16 the weights are the master copy: 4 + 4 + 4). ZeRO partitions the optimizer
+# state across ranks but saves all of it, so the total does not depend on the GPUs.
+MODEL_BYTES_PER_PARAMETER = {True: 2, False: 4}
+CHECKPOINT_BYTES_PER_PARAMETER = {True: 14, False: 12}
+
+
+def schedule_hours(units: list[float], gpus: int) -> tuple[float, int]:
+    """Wall-clock hours of independent units on `gpus` GPUs, and the most units one GPU runs.
+
+    Each GPU runs one unit at a time; the units, longest first, each go to the GPU that is free
+    first (list scheduling, longest processing time first). The result is at least the units'
+    GPU-hours / `gpus` and at least the longest unit; n equal units take ceil(n / gpus) of them
+    one after the other (4 units of 1 GPU-hour on 2 GPUs: 2 hours).
+    """
+    import heapq
+
+    if gpus < 1:
+        raise ValueError(f"gpus: {gpus}; at least 1")
+    free = [(0.0, 0, gpu) for gpu in range(min(gpus, len(units)))]  # (hours, units, gpu)
+    for hours in sorted(units, reverse=True):
+        load, count, gpu = heapq.heappop(free)
+        heapq.heappush(free, (load + hours, count + 1, gpu))
+    return max((f[0] for f in free), default=0.0), max((f[1] for f in free), default=0)
+
+
+def training_efficiency(nodes: int) -> float:
+    """Assumed data-parallel scaling efficiency on `nodes` nodes (`INTER_NODE_EFFICIENCY`)."""
+    return INTER_NODE_EFFICIENCY ** math.log2(nodes)
+
+
+def extraction_shards(config: FusionConfig, report, target_tokens: float | None):
+    """Pieces shards each model is extracted over, and where the count came from (or None).
+
+    The finished pieces stage's count, else full pieces: target tokens / (block_size -
+    margin) pieces in shards of `extraction.shard_size`. Documents shorter than a block make
+    more, shorter pieces, so the guess gives fewer, longer units: a wall-clock on the high side.
+    """
+    shards = _done_info(report, "pieces").get("shards")
+    if shards:
+        return int(shards), "pieces stage"
+    if target_tokens is None:
+        return None, "unknown"
+    per_piece = config.pieces.block_size - config.pieces.margin
+    pieces = math.ceil(target_tokens / per_piece)
+    return math.ceil(pieces / config.extraction.shard_size), (
+        f"{pieces:,} full pieces of {per_piece} tokens"
+    )
+
+
+def extraction_part_shards(config: FusionConfig) -> int:
+    """Shards in one extraction part, the (model, group of shards) that one GPU worker extracts
+    with `execution: deployments` (`extraction.shards_per_part`; one shard a part where the
+    config has no such field)."""
+    return int(getattr(config.extraction, "shards_per_part", 1))
+
+
+def part_sizes(shards: int, group: int) -> list[int]:
+    """Shards of each part of one model: `group` each, the rest in the last (5, 2: [2, 2, 1])."""
+    return [min(group, shards - start) for start in range(0, shards, group)]
+
+
+def _sum(values):
+    return None if any(v is None for v in values) else float(sum(values))
+
+
+def cluster_estimate(
+    config: FusionConfig, figures: Estimate, report=None, *, nodes: int, gpus_per_node: int
+) -> dict:
+    """Wall-clock hours of each stage on `nodes` nodes of `gpus_per_node` GPUs, and the bytes
+    the shared work folder must hold (docs/planning.md, "On a cluster").
+
+    - pieces and align-and-fuse are CPU stages: their wall-clock is `cpu_estimate`'s, on
+      `pieces.workers` and `fusion.workers` processes, whatever the GPUs;
+    - extraction: one unit per model x pieces shard (the model's GPU-hours shared equally among
+      its shards), spread over all the GPUs (`schedule_hours`);
+    - training: each run on all the GPUs, data parallel, at `training_efficiency(nodes)`; the
+      fused model, then the CLM baseline, one after the other as `pipeline.train` runs them;
+    - evaluation: one unit per model x suite, one GPU each; not estimated (nor its GPU-hours).
+    """
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"a cluster of {nodes} nodes x {gpus_per_node} GPUs; at least 1 x 1")
+    gpus = nodes * gpus_per_node
+    rate = figures.flops_per_gpu_second
+    target = next(m for m in figures.models if "target" in m.roles)
+    stages, notes = [], []
+
+    cpu = figures.cpu
+    if cpu:
+        pieces_wall = cpu["pieces_cpu_hours"] / cpu["workers"]["pieces"]
+        fuse_wall = cpu["align_fuse_cpu_hours"] / cpu["workers"]["align_fuse"]
+    else:
+        pieces_wall = fuse_wall = None
+    how = "CPU stage, unchanged by GPUs: {} CPU-h on {} workers ({}.workers)"
+    pieces_how = how.format(*_cpu_how(cpu, "pieces_cpu_hours", "pieces"), "pieces")
+    stages.append(_stage("prepare", "pieces", None, None, pieces_wall, pieces_how))
+
+    rows = [r for r in figures.rows if r.stage == "extract"]
+    shards, shards_from = extraction_shards(config, report, target.tokens)
+    model_hours = [r.gpu_hours(rate) for r in rows]
+    group = extraction_part_shards(config)
+    wall = per_gpu = count = None
+    if shards and all(h is not None for h in model_hours):
+        units = [h * n / shards for h in model_hours for n in part_sizes(shards, group)]
+        wall, per_gpu = schedule_hours(units, gpus)
+        count = len(units)
+    extract_how = (
+        f"{shards} shards a model ({shards_from}) in parts of {group}: {len(rows)} x "
+        f"{count // len(rows)} parts, up to {per_gpu} on one GPU"
+        if wall is not None
+        else "shards or GPU-hours unknown"
+    )
+    stages.append(
+        _stage("extract", "top-k stores, in parts", count, _sum(model_hours), wall, extract_how)
+    )
+
+    fuse_how = how.format(*_cpu_how(cpu, "align_fuse_cpu_hours", "align_fuse"), "fusion")
+    stages.append(_stage("fuse", "align-and-fuse", None, None, fuse_wall, fuse_how))
+
+    efficiency = training_efficiency(nodes)
+    for n, r in enumerate(r for r in figures.rows if r.stage == "train"):
+        hours = r.gpu_hours(rate)
+        wall = None if hours is None else hours / (gpus * efficiency)
+        run_how = (
+            f"data parallel on {_gpus(gpus)} at {efficiency:.0%} efficiency (assumed: "
+            f"{INTER_NODE_EFFICIENCY:g} per doubling of nodes)"
+        )
+        run_how += ", after the fused model" if n else ""
+        stages.append(_stage("train", r.what, 1, hours, wall, run_how))
+    if nodes > 1:
+        notes.append(
+            f"training on {nodes} nodes: the train stage runs DeepSpeed over the GPUs of the "
+            "machine it runs on; start it under the DeepSpeed launcher with a hostfile of the "
+            'nodes (README, "Stages on their own")'
+        )
+    t = config.training
+    if t.global_batch % (t.micro_batch * gpus):
+        notes.append(
+            f"training.global_batch {t.global_batch} is not a multiple of training.micro_batch "
+            f"{t.micro_batch} x {_gpus(gpus)}: training stops with an error on this cluster; "
+            "change one of them"
+        )
+
+    e = config.evaluation
+    evaluated = 1 + int(e.baseline) + (len(config.sources) if e.sources else 0)
+    count = evaluated * len(e.suites)
+    rounds = math.ceil(count / gpus) if count else 0
+    stages.append(
+        _stage(
+            "evaluate",
+            f"{evaluated} models x {len(e.suites)} suites",
+            count,
+            None,
+            None,
+            f"not estimated; one GPU each, {rounds} round{'s' * (rounds != 1)} on {_gpus(gpus)}",
+        )
+    )
+
+    if config.execution != "deployments":
+        notes.append(
+            f"execution is {config.execution}: `fusellm run` then uses the GPUs of its own "
+            "machine only; these figures assume execution: deployments, whose extraction and "
+            "evaluation parts go to every GPU worker"
+        )
+    total = _sum([s["wall_hours"] for s in stages if s["stage"] != "evaluate"])
+    return {
+        "nodes": nodes,
+        "gpus_per_node": gpus_per_node,
+        "gpus": gpus,
+        "training_efficiency": efficiency,
+        "stages": stages,
+        "wall_hours": total,
+        "wall_hours_without": ["evaluate"],
+        "shared_folder": shared_folder(config, figures),
+        "notes": notes,
+    }
+
+
+def _gpus(count: int) -> str:
+    return f"{count} GPU{'s' * (count != 1)}"
+
+
+def _cpu_how(cpu: dict, hours: str, workers: str) -> tuple[str, str]:
+    if not cpu:
+        return "?", "?"
+    value = cpu[hours]
+    return (f"{value:.1f}" if value >= 0.1 else f"{value:.1e}"), str(cpu["workers"][workers])
+
+
+def _stage(stage, what, units, gpu_hours, wall_hours, how) -> dict:
+    return {
+        "stage": stage,
+        "what": what,
+        "units": units,
+        "gpu_hours": gpu_hours,
+        "wall_hours": wall_hours,
+        "how": how,
+    }
+
+
+def shared_folder(config: FusionConfig, figures: Estimate) -> dict:
+    """What the work folder shared by the nodes holds at its fullest: every top-k store, the
+    fused store, the pieces (about the corpus's text), the trained models and, while a run
+    trains, `training.keep_checkpoints` + 1 checkpoints (a new one is written before the oldest
+    is pruned; they are removed when the run ends, and the runs train one after the other).
+    Models' own files are not counted: hf:// models sit in each node's Hugging Face cache."""
+    t = config.training
+    bf16 = t.bf16 is not False  # auto: on, on GPUs that have it
+    n = next(m for m in figures.models if "target" in m.roles).parameters
+    runs = sum(1 for r in figures.rows if r.stage == "train")
+    stores = _sum([r.bytes for r in figures.rows if r.stage == "extract"])
+    fused = _sum([r.bytes for r in figures.rows if r.stage == "fuse"])
+    kept = t.keep_checkpoints + 1
+    parts = [
+        {"what": "top-k stores", "bytes": stores},
+        {"what": "fused store", "bytes": fused},
+        {"what": "pieces", "bytes": figures.cpu.get("text_bytes")},
+        {
+            "what": f"{runs} trained models",
+            "bytes": None if n is None else runs * n * MODEL_BYTES_PER_PARAMETER[bf16],
+        },
+        {
+            "what": f"{kept} checkpoints",
+            "bytes": None if n is None else kept * n * CHECKPOINT_BYTES_PER_PARAMETER[bf16],
+        },
+    ]
+    return {"bytes": _sum([p["bytes"] for p in parts]), "parts": parts}

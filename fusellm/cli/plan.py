@@ -59,21 +59,56 @@ def plan_command(
     peak_tflops: Annotated[
         float, typer.Option(min=0.001, help="GPU peak TFLOP/s (H100 SXM bf16 dense: 989)")
     ] = 989.0,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            "--gpus",
+            help="GPUs per node (as torchrun's --nproc-per-node): also print each stage's "
+            "wall-clock hours on the cluster and what its shared work folder must hold",
+        ),
+    ] = None,
+    nodes: Annotated[
+        int | None, typer.Option("--nodes", help="nodes of --gpus GPUs each (default 1)")
+    ] = None,
     home: Home = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Which stages are done, which a run would compute and why, and the estimated cost."""
-    from fusellm.cli.estimates import estimate
+    from fusellm.cli.estimates import cluster_estimate, estimate
     from fusellm.stages.plan_report import plan_fusion
 
+    cluster = cluster_size(gpus, nodes)
     fusion = read_config(config, sets)
     _embedded_tracking(home)
     report = plan_fusion(fusion)
     figures = estimate(fusion, report, mfu=mfu, peak_tflops=peak_tflops)
+    if cluster is not None:
+        figures.cluster = cluster_estimate(
+            fusion, figures, report, nodes=cluster[0], gpus_per_node=cluster[1]
+        )
     if as_json:
         typer.echo(json.dumps(plan_dict(config, report, figures), indent=2, default=str))
         return
     typer.echo(render(config, report, figures))
+
+
+def cluster_size(gpus: int | None, nodes: int | None) -> tuple[int, int] | None:
+    """(nodes, GPUs per node) from --nodes and --gpus; None when neither is given; else exit 2
+    with what is wrong."""
+    if gpus is None and nodes is None:
+        return None
+    problems = []
+    if gpus is None:
+        problems.append("--nodes needs --gpus, the GPUs of each node")
+    elif gpus < 1:
+        problems.append(f"--gpus {gpus}: a node needs at least 1 GPU (--gpus is GPUs per node)")
+    if nodes is not None and nodes < 1:
+        problems.append(f"--nodes {nodes}: a cluster needs at least 1 node")
+    for problem in problems:
+        typer.echo(f"error: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    return (nodes or 1, gpus)
 
 
 def plan_dict(path: Path, report, figures) -> dict:
@@ -206,6 +241,42 @@ def render(path: Path, report, figures) -> str:
             f"({m.parameters_from}), {number(m.tokens)} tokens ({m.tokens_from})"
         )
     out += ["", "estimate"] + _estimate_lines(figures)
-    if figures.notes:
-        out += ["", "notes"] + [f"  {n}" for n in figures.notes]
+    if figures.cluster:
+        out += ["", "on a cluster"] + _cluster_lines(figures.cluster)
+    notes = figures.notes + figures.cluster.get("notes", [])
+    if notes:
+        out += ["", "notes"] + [f"  {n}" for n in notes]
     return "\n".join(out)
+
+
+def _gpus(count: int) -> str:
+    return f"{count} GPU{'s' * (count != 1)}"
+
+
+def _cluster_lines(cluster: dict) -> list[str]:
+    gpus = cluster["gpus"]
+    lines = [
+        (
+            f"  {cluster['nodes']} node{'s' * (cluster['nodes'] != 1)} x "
+            f"{_gpus(cluster['gpus_per_node'])} per node = {_gpus(gpus)}, "
+            "every stage of the fusion"
+        ),
+        f"  {'stage':8s} {'what':30s} {'units':>6s} {'GPU-h':>7s} {'wall-h':>7s}  how",
+    ]
+    for s in cluster["stages"]:
+        cpu = s["gpu_hours"] is None and s["stage"] in ("prepare", "fuse")
+        units = "-" if s["units"] is None else str(s["units"])
+        gpu = "-" if cpu else hours(s["gpu_hours"])
+        lines.append(
+            f"  {s['stage']:8s} {s['what']:30s} {units:>6s} {gpu:>7s} "
+            f"{hours(s['wall_hours']):>7s}  {s['how']}"
+        )
+    gpu_total = sum(s["gpu_hours"] or 0 for s in cluster["stages"])
+    lines.append(
+        f"  {'total':8s} {'':30s} {'':>6s} {hours(gpu_total):>7s} "
+        f"{hours(cluster['wall_hours']):>7s}  without evaluation"
+    )
+    folder = cluster["shared_folder"]
+    parts = ", ".join(f"{p['what']} {size(p['bytes'])}" for p in folder["parts"])
+    lines.append(f"  shared work folder must hold {size(folder['bytes'])}: {parts}")
+    return lines
