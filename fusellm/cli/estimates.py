@@ -582,11 +582,18 @@ def cluster_estimate(
         )
         run_how += ", after the fused model" if n else ""
         stages.append(_stage("train", r.what, 1, hours, wall, run_how))
-    if nodes > 1:
+    spans = getattr(config.training, "nodes", None)  # machines one training run spans
+    if spans is None and nodes > 1:
         notes.append(
             f"training on {nodes} nodes: the train stage runs DeepSpeed over the GPUs of the "
             "machine it runs on; start it under the DeepSpeed launcher with a hostfile of the "
             'nodes (README, "Stages on their own")'
+        )
+    elif spans is not None and spans != nodes:
+        notes.append(
+            f"training.nodes is {spans}: a training run spans {spans} node"
+            f"{'s' * (spans != 1)}, not the {nodes} planned here; set training.nodes: {nodes} "
+            "(and training.rendezvous) for the training figures above"
         )
     t = config.training
     if t.global_batch % (t.micro_batch * gpus):
