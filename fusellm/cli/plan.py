@@ -165,6 +165,13 @@ def hours(value: float | None) -> str:
     return f"{value:.1f}" if value >= 0.1 else f"{value:.1e}"
 
 
+def wall(value: float | None) -> str:
+    """Wall-clock hours: 0.07 rather than 7.0e-02 from 0.01 h up."""
+    if value is not None and 0.01 <= value < 0.1:
+        return f"{value:.2f}"
+    return hours(value)
+
+
 def _stage_lines(report) -> list[str]:
     if report.nothing_to_do:
         return [f"  nothing to do: all {len(report.units)} stage units are done"]
@@ -269,12 +276,12 @@ def _cluster_lines(cluster: dict) -> list[str]:
         gpu = "-" if cpu else hours(s["gpu_hours"])
         lines.append(
             f"  {s['stage']:8s} {s['what']:30s} {units:>6s} {gpu:>7s} "
-            f"{hours(s['wall_hours']):>7s}  {s['how']}"
+            f"{wall(s['wall_hours']):>7s}  {s['how']}"
         )
     gpu_total = sum(s["gpu_hours"] or 0 for s in cluster["stages"])
     lines.append(
         f"  {'total':8s} {'':30s} {'':>6s} {hours(gpu_total):>7s} "
-        f"{hours(cluster['wall_hours']):>7s}  without evaluation"
+        f"{wall(cluster['wall_hours']):>7s}  without evaluation"
     )
     folder = cluster["shared_folder"]
     parts = ", ".join(f"{p['what']} {size(p['bytes'])}" for p in folder["parts"])
