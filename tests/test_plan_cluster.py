@@ -233,3 +233,21 @@ def test_cluster_errors(config_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert "stages" not in result.output  # nothing planned
+
+
+def test_the_7b_example_in_the_docs_is_what_the_command_prints(tmp_path, monkeypatch):
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hf-cache"))
+    sets = ["pieces.workers=64", "fusion.workers=64", "execution=deployments"]
+    args = [str(repo / "configs" / "fusellm-7b.yaml"), "--gpus", "8", "--nodes", "4"]
+    args += [a for s in sets for a in ("--set", s)]
+    result = _invoke("plan", *args, "--home", str(tmp_path / "home"))
+    assert result.exit_code == 0, result.output
+    block = "on a cluster\n" + result.output.split("\non a cluster\n")[1].split("\n\n")[0]
+    docs = (repo / "docs" / "planning.md").read_text()
+    assert f"```text\n{block}\n" in docs
+    assert (
+        "  total                                            153.1     5.7  without evaluation"
+        in (block)
+    )
