@@ -388,6 +388,24 @@ _TRAINING_FIELDS = {
     ),
     "checkpoint_every": ("Checkpoint every", "optimizer steps between checkpoints"),
     "keep_checkpoints": ("Checkpoints kept", "how many recent checkpoints to keep"),
+    "nodes": (
+        "Nodes",
+        (
+            "machines the training spans: one process group over all of them (torchrun's c10d "
+            "rendezvous), every GPU of each; the same weights as one machine with as many GPUs"
+        ),
+    ),
+    "rendezvous": (
+        "Rendezvous endpoint",
+        (
+            "host:port of one of the nodes' machines, which hosts the rendezvous, reachable "
+            "from every node (e.g. train-0.example:29400); required when nodes > 1"
+        ),
+    ),
+    "rendezvous_timeout": (
+        "Rendezvous timeout (s)",
+        "seconds a node waits for every node to join the rendezvous before it gives up",
+    ),
     "sources": (
         "Expected sources",
         (

@@ -85,6 +85,8 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "training.micro_batch": (1, set()),
     "training.zero_stage": (2, set()),
     "training.gradient_checkpointing": (True, set()),
+    "training.rendezvous": ("127.0.0.1:29400", set()),  # where the nodes meet
+    "training.rendezvous_timeout": (60, set()),
     "evaluation.limit": (1, EVERY_EVAL | {"compare", "register"}),
     "evaluation.max_gen_toks": (16, EVERY_EVAL | {"compare", "register"}),
     "evaluation.batch_size": (4, set()),
@@ -118,6 +120,7 @@ NOT_CASES = {
     "corpus.text_field": "another field of the same files: as corpus.limit, needs other data",
     "corpus.split": "Hub datasets only",
     "training.sources": "set by the train stage from the source names",
+    "training.nodes": "needs training.rendezvous too; in no key (test_training_nodes.py)",
     "evaluation.data_dir": "by content: test_evaluation_data_counts_by_content",
     "evaluation.sources": "changes which models are evaluated, not a key",
     "evaluation.baseline": "changes whether the baseline exists, not a key",

@@ -17,6 +17,9 @@ SCHEDULING_FIELDS = {
     "micro_batch",
     "zero_stage",
     "gradient_checkpointing",
+    "nodes",  # N machines of G GPUs train as one machine of N x G
+    "rendezvous",
+    "rendezvous_timeout",
 }
 FUSION_ONLY_FIELDS = {"temperature", "rest_bucket"}  # no fusion term at lam = 1
 

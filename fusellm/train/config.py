@@ -69,6 +69,17 @@ class TrainConfig(BaseModel):
     sources: list[str] | None = Field(
         None, description="source names the fused data must cover (checked against its manifest)"
     )
+    # across machines: how the run is scheduled, not what it computes
+    nodes: int = Field(1, ge=1, description="machines the training spans, one process group")
+    rendezvous: str | None = Field(
+        None,
+        validate_default=True,
+        description="host:port of the node whose machine hosts the c10d rendezvous; needed when "
+        "nodes > 1",
+    )
+    rendezvous_timeout: int = Field(
+        600, ge=1, description="seconds a node waits for every node to join the rendezvous"
+    )
 
     @field_validator("zero_stage")
     @classmethod
@@ -95,12 +106,39 @@ class TrainConfig(BaseModel):
             raise ValueError(f"micro_batch={micro} does not divide global_batch={total}")
         return micro
 
+    @field_validator("rendezvous")
+    @classmethod
+    def _endpoint(cls, endpoint: str | None, info) -> str | None:
+        nodes = info.data.get("nodes", 1)
+        if endpoint is None:
+            if nodes > 1:
+                raise ValueError(
+                    f"required when nodes > 1 (nodes = {nodes}): host:port of one of the nodes' "
+                    "machines, which hosts the rendezvous and every node reaches, e.g. "
+                    "train-0.example:29400"
+                )
+            return None
+        split_endpoint(endpoint)
+        return endpoint
+
     @field_validator("adam_betas")
     @classmethod
     def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"AdamW betas must lie in [0, 1), got {betas}")
         return betas
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """(host, port) of a ``host:port`` rendezvous endpoint (``[::1]:29400`` for IPv6)."""
+    host, sep, port = endpoint.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or any(c.isspace() for c in host) or not port.isdigit():
+        raise ValueError(f"{endpoint!r} is not host:port (e.g. train-0.example:29400)")
+    if not 0 < int(port) < 65536:
+        raise ValueError(f"{endpoint!r}: port {port} is not in 1-65535")
+    return host, int(port)
 
 
 def parse_config(data: dict | None, *, source: str = "config") -> TrainConfig:

@@ -37,7 +37,15 @@ from fusellm.train.data import DataOrder, open_training_data
 from fusellm.train.progress import StepLogger, StepMetrics
 
 # Fields a resumed run may change: they do not alter the trajectory of the weights.
-_RESUMABLE_CHANGES = {"checkpoint_every", "keep_checkpoints", "gradient_checkpointing"}
+_RESUMABLE_CHANGES = {
+    "checkpoint_every",
+    "keep_checkpoints",
+    "gradient_checkpointing",
+    # where the ranks run: the world size, checked on its own, is what a checkpoint fixes
+    "nodes",
+    "rendezvous",
+    "rendezvous_timeout",
+}
 
 
 def check_resume(checkpoint: Path, config: TrainConfig, world_size: int) -> int:
