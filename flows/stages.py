@@ -9,7 +9,7 @@ from prefect import flow
 
 from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults
-from fusellm.stages import pipeline
+from fusellm.stages import pipeline, training
 from fusellm_tasks.stages import PrefectExecutor
 
 # The four flows below share their shape on purpose: each must be its own decorated function so
@@ -50,3 +50,18 @@ def train(config: FusionConfig) -> dict:
     """Training of the fused model and the CLM baseline."""
     done, states = _walk(config, "train")
     return {"models": {k: str(v.path / "model") for k, v in done.trained.items()}, "states": states}
+
+
+@flow(name="train-node")
+def train_node(config: FusionConfig, label: str = "fused", node_rank: int = 0) -> dict:
+    """One machine of a training across `training.nodes` machines (`label`: fused or baseline).
+
+    Start `training.nodes` runs of this flow together, `node_rank` 0 to N-1, each on a GPU
+    machine: node 0 runs where `training.rendezvous` points, hosts the rendezvous and builds
+    the stage folder; the others join it. Each walks the stages before training first (done).
+    """
+    training.check_train_node(config, label, node_rank)  # before anything is walked
+    apply_tracking_defaults()
+    ex = PrefectExecutor()
+    done = pipeline.walk(config, ex, until="align_fuse")
+    return {**training.train_node(done, ex, label, node_rank), "states": ex.tally.as_dict()}

@@ -101,20 +101,8 @@ def launch(
     (output / RESULT_FILE).unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     log = output / "launch.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            launcher_command(processes, config_file, model, data, output, env),
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its ranks go with it if this stage is stopped
-        )
-        try:
-            returncode = proc.wait()
-        except BaseException:
-            _stop_group(proc)
-            raise
+    command = launcher_command(processes, config_file, model, data, output, env)
+    returncode = run_logged(command, env, log)
     if returncode != 0 or not (output / RESULT_FILE).is_file():
         tail = log.read_text(errors="replace")[-LOG_TAIL_CHARS:]
         raise LaunchError(
@@ -124,6 +112,24 @@ def launch(
     result = read_result(output)
     _log_losses(result)
     return result
+
+
+def run_logged(command: list[str], env: dict[str, str], log: Path) -> int:
+    """Run a launcher with its output in `log`; wait for it. Its exit code."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its ranks go with it if this stage is stopped
+        )
+        try:
+            return proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
 
 
 def _stop_group(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
