@@ -263,6 +263,81 @@ class TrackingConfig(_Section):
         return uri
 
 
+class MergeConfig(_Section):
+    """Merging the pairwise fused models onto the pivot with mergekit (docs/merging.md).
+
+    Each method takes only some of the fields; one it does not take is an error. Unset fields
+    take the method's default (`fusellm.method.merge`).
+    """
+
+    method: Literal["sce", "ties", "dare_ties", "task_arithmetic", "linear"] = Field(
+        "sce",
+        title="Merge method",
+        description="sce: FuseChat's select / calculate / erase; ties, dare_ties, "
+        "task_arithmetic: task vectors (each model minus the pivot) combined as published; "
+        "linear: the weighted average of the models",
+    )
+    select_topk: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        title="SCE: selected fraction",
+        description="sce: the fraction of each matrix's elements kept, largest variance across "
+        "the task vectors first, counted among those whose variance is not 0 (default 0.1, "
+        "FuseChat's)",
+    )
+    density: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        title="Density",
+        description="ties: the fraction of each task vector kept by magnitude; dare_ties: kept "
+        "at random, rescaled (default 0.5)",
+    )
+    weight: float | list[float] | None = Field(
+        None,
+        title="Weights",
+        description="ties, dare_ties, task_arithmetic, linear: each model's weight, one value "
+        "for all or one per model (default 1/K for K models)",
+    )
+    scale: float | None = Field(
+        None,
+        title="Scale (lambda)",
+        description="ties, dare_ties, task_arithmetic: the merged task vector's factor, "
+        "mergekit's lambda (default 1)",
+    )
+    normalize: bool | None = Field(
+        None,
+        title="Normalise weights",
+        description="ties, dare_ties, task_arithmetic, linear: divide by the sum of the weights "
+        "(default mergekit's: true for ties and linear, false for dare_ties and "
+        "task_arithmetic)",
+    )
+    seed: int | None = Field(
+        None,
+        ge=0,
+        title="Seed",
+        description="dare_ties: the seed of its random drop (default 0)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        title="Merge dtype",
+        description="what the merge computes in and the merged model is saved in",
+    )
+
+    @model_validator(mode="after")
+    def _fields_of_the_method(self) -> MergeConfig:
+        from fusellm.method.merge import PARAMETERS
+
+        takes = PARAMETERS[self.method]
+        for name in ("select_topk", "density", "weight", "scale", "normalize", "seed"):
+            if getattr(self, name) is not None and name not in takes:
+                raise ValueError(
+                    f"{name}: method {self.method} does not take it; it takes {', '.join(takes)}"
+                )
+        return self
+
+
 class PlanningConfig(_Section):
     """Hints for `fusellm plan` when a model's or the corpus's files are not at hand.
 
@@ -478,6 +553,11 @@ class FusionConfig(BaseModel):
         TrainConfig(),
         title="Training",
         description="continual training of the target (the CLM baseline uses lam = 1)",
+    )
+    merge: MergeConfig = Field(
+        MergeConfig(),
+        title="Merge",
+        description="merging the pairwise fused models onto the pivot (docs/merging.md)",
     )
     evaluation: EvaluationConfig = Field(
         EvaluationConfig(), title="Evaluation", description="which suites score which models"

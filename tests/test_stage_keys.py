@@ -130,6 +130,14 @@ NOT_CASES = {
     "workdir": "a new work folder starts empty",
     "planning.parameters": "a mapping of size hints for `fusellm plan`; read by no stage",
 }
+# Keys of the merge stage, which runs with pairwise fusion, not in this fixture; each one's
+# effect on that key is in tests/test_merge.py (test_the_key_follows_the_merge_and_nothing_else).
+NOT_CASES |= {
+    f"merge.{name}": "a key of the merge stage, which this fixture does not run"
+    for name in (
+        "method", "select_topk", "density", "weight", "scale", "normalize", "seed", "dtype"
+    )
+}  # fmt: skip
 
 
 def _leaf_paths(value, prefix: str = "") -> list[str]:
