@@ -50,6 +50,7 @@ STAGE_CODE: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate", "stages/evaluation.py"),
     "compare": ("evaluate/report.py", "evaluate/results.py", "stages/evaluation.py"),
     "register": ("tracking", "stages/registry.py"),
+    "merge": ("method/merge.py", "stages/merging.py"),
 }
 
 # Stage -> distributions whose major.minor version is part of its key.
@@ -60,6 +61,7 @@ STAGE_LIBRARIES: dict[str, tuple[str, ...]] = {
     "fuse": ("tokenizers", "transformers"),
     "train": ("torch", "transformers", "deepspeed"),
     "evaluate": ("torch", "transformers", "lm-eval"),
+    "merge": ("torch", "mergekit"),
 }
 
 
