@@ -133,8 +133,15 @@ def pools_command(
         int, typer.Option(help="GPU stage runs at once in the whole pool (= GPU machines)")
     ] = 1,
 ) -> None:
-    """Create or update the work pools fusellm-cpu and fusellm-gpu (PREFECT_API_URL's server)."""
-    from fusellm_flows.pools import JobSettings, PoolSetupError, ensure_pools
+    """Create or update the work pools fusellm-cpu and fusellm-gpu (PREFECT_API_URL's server),
+    and the automation that marks a run crashed when its worker is lost."""
+    from fusellm_flows.pools import (
+        CRASH_AUTOMATION,
+        JobSettings,
+        PoolSetupError,
+        ensure_crash_detection,
+        ensure_pools,
+    )
     from fusellm_flows.pools import job_env as env_of
 
     try:
@@ -153,6 +160,7 @@ def pools_command(
         raise typer.Exit(2) from None
     for name, what in done.items():
         typer.echo(f"work pool {name} ({kind}): {what}")
+    typer.echo(f"automation {CRASH_AUTOMATION!r}: {ensure_crash_detection()}")
 
 
 @app.command("demo")

@@ -24,7 +24,8 @@ from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults, prefect_ui_url
 from fusellm.stages import pipeline
 from fusellm.stages.registry import write_record
-from fusellm_flows.dispatch import run_stage_deployments
+from fusellm.tracking.orphans import set_orchestrator_run
+from fusellm_flows.dispatch import run_evaluation_parts, run_stage_deployments
 from fusellm_tasks.stages import PrefectExecutor
 
 
@@ -34,6 +35,23 @@ def fusion_run_name() -> str:
     if not isinstance(config, FusionConfig):
         config = FusionConfig.model_validate(config)
     return tracking.readable_run_name(config)
+
+
+def prefect_run_over(flow_run_id: str) -> bool | None:
+    """Whether a Prefect flow run has ended (or no longer exists); None when the server
+    cannot say. Runs left RUNNING in MLflow by a lost process are closed on this answer."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound, PrefectException
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except ObjectNotFound:
+        return True
+    except (httpx.HTTPError, PrefectException, OSError, ValueError):
+        return None  # the server unreachable or the id not one: leave the run to a later fusion
+    return state is not None and state.is_final()
 
 
 def _links(run_id: str, registration: dict | None) -> dict[str, str]:
@@ -58,6 +76,7 @@ def fuse(config: FusionConfig) -> dict:
     """Fuse the sources into the target: pieces, extraction, alignment and fusion, training,
     evaluation against every source and the CLM baseline, registration in MLflow."""
     apply_tracking_defaults()
+    set_orchestrator_run(runtime.flow_run.id)
     ex = PrefectExecutor()
     title = runtime.flow_run.name or config.name
     with tracking.fusion_run(
@@ -66,10 +85,12 @@ def fuse(config: FusionConfig) -> dict:
         params=config,
         tracking_uri=config.tracking.tracking_uri,
         tags={"fusellm.flow_run": title},
+        run_over=prefect_run_over,
     ) as run_id:
         tracking.log_fusion_inputs(config)
         if config.execution == "deployments":  # the heavy stages where their pools put them
             run_stage_deployments(config)
+            run_evaluation_parts(config)
         done = pipeline.walk(config, ex)
         registration = done.registration.info if done.registration else None
         links = _links(run_id, registration)

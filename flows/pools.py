@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 POOLS = {"cpu": "fusellm-cpu", "gpu": "fusellm-gpu"}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|PRIVATE", re.IGNORECASE)
@@ -118,8 +118,78 @@ def process_template(settings: JobSettings) -> dict:
     return template
 
 
+HEARTBEAT_S = 30  # a flow run's heartbeat (Prefect's least); default 180 s
+SILENT_S = 90  # a run whose heartbeats stop this long is marked crashed
+CRASH_AUTOMATION = "fusellm: mark runs crashed when their heartbeats stop"
+
+
+def with_heartbeats(settings: JobSettings) -> JobSettings:
+    """Every job sends heartbeats (unless the settings set their own frequency), so that a run
+    whose machine or worker is lost is seen to be lost (`ensure_crash_detection`)."""
+    env = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), **settings.env}
+    return replace(settings, env=env)
+
+
+def crash_automation():
+    """Prefect's recipe for runs that stop reporting (its "zombie flows" guide): a flow run
+    whose last heartbeat is followed by neither another one nor an end within `SILENT_S` is
+    set to Crashed, which is what `fusellm_flows.dispatch` starts a part again on."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return Automation(
+        name=CRASH_AUTOMATION,
+        description="Runs whose worker or machine was lost end Crashed instead of Running.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=SILENT_S),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {SILENT_S} s: its worker or machine was lost",
+            )
+        ],
+    )
+
+
+def ensure_crash_detection() -> str:
+    """Create the automation of `crash_automation`, or update it to this version's;
+    returns "created" or "updated"."""
+    from prefect.automations import Automation
+
+    wanted = crash_automation()
+    try:
+        found = Automation.read(name=CRASH_AUTOMATION)
+    except ValueError:  # none of that name
+        found = None
+    if found is None:
+        wanted.create()
+        return "created"
+    wanted.id = found.id
+    wanted.update()
+    return "updated"
+
+
 def templates(kind: str, settings: JobSettings) -> dict[str, dict]:
     """Pool name -> base job template, for pools of `kind` (docker or process)."""
+    settings = with_heartbeats(settings)
     if kind == "docker":
         return {name: docker_template(role, settings) for role, name in POOLS.items()}
     if kind == "process":

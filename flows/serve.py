@@ -1,4 +1,4 @@
-"""The deployments `fusellm serve` serves: the same six as infra/prefect.yaml, run in place.
+"""The deployments `fusellm serve` serves: the same nine as infra/prefect.yaml, run in place.
 
 Served (Prefect's `serve`), not sent to a work pool: the flow runs start as subprocesses of this
 command, with its environment (the data folder, the Prefect server, the MLflow store), so "Run"
@@ -17,10 +17,11 @@ REFUSION_CRON = "0 3 * * 1"  # Mondays 03:00 UTC, as in infra/prefect.yaml
 
 def deployments(config_file: Path, config: FusionConfig) -> list:
     """`fuse`, `prepare`, `extract`, `align-fuse`, `train` with `config` as the form's default,
-    and `refusion` on its weekly schedule reading `config_file`."""
+    `refusion` on its weekly schedule reading `config_file`, and the parts `fuse` fans out
+    (`extract-part`, `evaluate-part`, `train-node`), which take their parameters from it."""
     from prefect.deployments.runner import EntrypointType
 
-    from fusellm_flows import stages
+    from fusellm_flows import stages, units
     from fusellm_flows.fuse import fuse
     from fusellm_flows.refusion import refusion
 
@@ -52,6 +53,12 @@ def deployments(config_file: Path, config: FusionConfig) -> list:
         out.append(
             stage_flow.to_deployment(name, parameters=form, tags=["fusellm", "stage"], **common)
         )
+    for name, part_flow in (
+        ("extract-part", units.extract_part),
+        ("evaluate-part", units.evaluate_part),
+        ("train-node", stages.train_node),
+    ):
+        out.append(part_flow.to_deployment(name, tags=["fusellm", "part"], **common))
     return out
 
 

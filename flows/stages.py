@@ -5,11 +5,12 @@ too: their folders exist when already done (``Cached``), so a stage can be (re)r
 
 from __future__ import annotations
 
-from prefect import flow
+from prefect import flow, runtime
 
 from fusellm.config import FusionConfig
 from fusellm.settings import apply_tracking_defaults
 from fusellm.stages import pipeline, training
+from fusellm.tracking.orphans import set_orchestrator_run
 from fusellm_tasks.stages import PrefectExecutor
 
 # The four flows below share their shape on purpose: each must be its own decorated function so
@@ -19,6 +20,7 @@ from fusellm_tasks.stages import PrefectExecutor
 
 def _walk(config: FusionConfig, until: str) -> tuple[pipeline.Fusion, dict]:
     apply_tracking_defaults()  # the project's MLflow store wherever the flow runs
+    set_orchestrator_run(runtime.flow_run.id)  # its stage runs say which flow run owns them
     ex = PrefectExecutor()
     done = pipeline.walk(config, ex, until=until)
     return done, ex.tally.as_dict()
@@ -62,6 +64,7 @@ def train_node(config: FusionConfig, label: str = "fused", node_rank: int = 0) -
     """
     training.check_train_node(config, label, node_rank)  # before anything is walked
     apply_tracking_defaults()
+    set_orchestrator_run(runtime.flow_run.id)
     ex = PrefectExecutor()
     done = pipeline.walk(config, ex, until="align_fuse")
     return {**training.train_node(done, ex, label, node_rank), "states": ex.tally.as_dict()}

@@ -98,6 +98,13 @@ class ExtractionConfig(_Section):
         description="pieces per shard: one extraction task per model x shard, one "
         "align-and-fuse task per shard",
     )
+    shards_per_part: int = Field(
+        2,
+        ge=1,
+        title="Shards per part",
+        description="with execution: deployments, the shards of one model that one flow run on "
+        "a GPU worker extracts (the model loaded once for them); more parts spread wider",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", title="Device", description="where extraction runs; auto: cuda when available"
     )
@@ -183,6 +190,13 @@ class EvaluationConfig(_Section):
     )
     batch_size: int = Field(
         1, ge=1, title="Batch size", description="lm-eval batch size; changes speed, not scores"
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        title="Backend",
+        description="hf: lm-eval's Hugging Face model (any device); vllm: lm-eval's vLLM model, "
+        "much faster generation (BBH chain-of-thought, MultiPL-E), needs a CUDA GPU and "
+        "`pip install vllm`",
     )
     max_gen_toks: int | None = Field(
         None,
@@ -581,7 +595,15 @@ class FusionConfig(BaseModel):
         description="in-process: the fuse flow runs every stage itself; deployments: it runs "
         "prepare, extract, align-fuse and train as runs of their deployments, each on its "
         "work pool (extraction and training on the GPU pool; infra/README.md), which must "
-        "share the work folder",
+        "share the work folder; extraction and evaluation fan out as parts over every GPU "
+        "worker",
+    )
+    part_attempts: int = Field(
+        3,
+        ge=1,
+        title="Attempts per part",
+        description="with execution: deployments, how often a part whose flow run crashed (its "
+        "worker lost) is started again before the fusion fails",
     )
 
     @field_validator("sources")

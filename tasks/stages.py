@@ -95,8 +95,9 @@ class StageTracker(MlflowTracker):
 class PrefectExecutor(Executor):
     """Each unit a Prefect task (named after its stage); independent units run concurrently."""
 
-    def __init__(self):
-        super().__init__(StageTracker())
+    def __init__(self, tracker=None):
+        """`tracker`: where stage numbers go (default: MLflow stage runs)."""
+        super().__init__(tracker or StageTracker())
 
     def call(self, name: str, fn, *args):
         options = {"name": name, "task_run_name": name}

@@ -15,10 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import yaml
 from fusion_fixtures import build_models, champion_texts, fusion_dict, write_corpus
@@ -32,10 +35,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+GPU_WORKERS = 3
+
+
+# What an in-process training leaves in this process's environment (a one-process group):
+# a worker started from here must not hand it to its flow runs, which would then take
+# themselves for ranks of a group (lm-eval's Accelerator joins it, and parts collide on its port).
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return start_server(argv, log, env, cwd=REPO)
+    env = {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
+    return start_server(argv, log, env, cwd=REPO, unset=LAUNCHER_VARIABLES)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -121,24 +132,38 @@ def s3_fusion(servers):
     data = fusion_dict(models, f"s3://{bucket}/corpus", root / "work", servers["mlflow_url"])
     data["target"] = {"uri": models["neox"]}  # the stronger source here, on these texts
     data["training"].update(max_steps=6, learning_rate=1e-2)
+    # 60 pieces: 6 shards of each model, extracted in parts of 2 shards with `deployments`
+    data["extraction"].update(shard_size=10, shards_per_part=2)
     data["tracking"]["registered_model"] = "it-fused"
     path = root / "fusion.yaml"
     path.write_text(yaml.safe_dump(data))
     return parse_fusion_config(data), path
 
 
-def test_fusion_from_s3_tracked_in_mlflow_server(servers, s3_fusion):
-    from mlflow import MlflowClient
+def _fuse_on(servers, config) -> dict:
+    """`fuse(config)` in this process, on the test's Prefect server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    config, _ = s3_fusion
     from fusellm_flows.fuse import fuse
 
     storage = servers["root"] / "prefect" / "storage"
     with temporary_settings(
         {PREFECT_API_URL: servers["prefect_url"], PREFECT_LOCAL_STORAGE_PATH: storage}
     ):
-        summary = fuse(config)
+        return fuse(config)
+
+
+@pytest.fixture(scope="module")
+def in_process(servers, s3_fusion):
+    """The S3 fusion run in process (`execution: in-process`): its summary."""
+    return _fuse_on(servers, s3_fusion[0])
+
+
+def test_fusion_from_s3_tracked_in_mlflow_server(servers, s3_fusion, in_process):
+    from mlflow import MlflowClient
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    config, summary = s3_fusion[0], in_process
     assert (config.workdir / "cache" / "s3").is_dir()  # sources really came from S3
 
     client = MlflowClient(servers["mlflow_url"])
@@ -309,7 +334,8 @@ def deployed(servers, s3_fusion):
     cli = str(BIN / "prefect")
     # The pools as `fusellm pools` makes them (the compose stack's are Docker pools).
     created = subprocess.run(
-        [str(BIN / "fusellm"), "pools", "--type", "process", "--job-env", "FUSELLM_HOME"],
+        [str(BIN / "fusellm"), "pools", "--type", "process", "--job-env", "FUSELLM_HOME",
+         "--gpu-concurrency", str(GPU_WORKERS)],  # one run at a time per GPU "machine"
         env=env, cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert created.returncode == 0, created.stdout + created.stderr
@@ -319,22 +345,37 @@ def deployed(servers, s3_fusion):
         env=env, cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )  # fmt: skip
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-    workers = [
-        _start([cli, "worker", "start", "--pool", pool], env, root / f"worker-{pool}.log")
-        for pool in ("fusellm-cpu", "fusellm-gpu")
-    ]
+    assert "automation 'fusellm: mark runs crashed when their heartbeats stop'" in created.stdout
+    workers = {
+        "cpu": _start(
+            [cli, "worker", "start", "--pool", "fusellm-cpu"], env, root / "worker-cpu.log"
+        )
+    }
+    for i in range(GPU_WORKERS):  # one run at a time each, as on a GPU machine
+        argv = [
+            cli,
+            "worker",
+            "start",
+            "--pool",
+            "fusellm-gpu",
+            "--limit",
+            "1",
+            "--name",
+            f"gpu-{i}",
+        ]
+        workers[f"gpu-{i}"] = _start(argv, env, root / f"worker-gpu-{i}.log")
     try:
-        yield root
+        yield {"root": root, "workers": workers}
     finally:
-        for worker in workers:
+        for worker in workers.values():
             _stop(worker)
 
 
-def test_refusion_deployed_and_run_by_a_process_worker(servers, deployed):
+def test_refusion_deployed_and_run_by_a_process_worker(servers, in_process, deployed):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    root = deployed
+    root = deployed["root"]
     with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
         run = run_deployment("refusion/refusion", timeout=400)
         deployment, deployments, messages = asyncio.run(
@@ -347,9 +388,15 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, deployed):
         "extract",
         "align-fuse",
         "train",
+        "extract-part",
+        "evaluate-part",
+        "train-node",
     }
-    assert {d.name: d.work_pool_name for d in deployments}["train"] == "fusellm-gpu"
-    worker_log = (root / "worker-fusellm-cpu.log").read_text()[-3000:]
+    pools = {d.name: d.work_pool_name for d in deployments}
+    assert {n for n, p in pools.items() if p == "fusellm-gpu"} == {
+        "extract", "train", "extract-part", "evaluate-part", "train-node"
+    }  # fmt: skip
+    worker_log = (root / "worker-cpu.log").read_text()[-3000:]
     assert run.state.is_completed(), (run.state, worker_log)
     assert deployment.parameters.get("config_path") is None  # read where it runs: the worker's
     # FUSELLM_CONFIG names the S3 fusion, whose last run is recorded: "nothing to do" below
@@ -357,48 +404,186 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, deployed):
     assert any("nothing to do" in m for m in messages), messages
 
 
-def test_execution_deployments_runs_each_stage_on_its_pool(servers, s3_fusion, deployed):
-    """`execution: deployments`: `fuse` runs prepare, extract, align-fuse and train as runs of
-    their deployments, picked up by the workers of their pools (extract and train: the GPU
-    pool), as children of its own run; it then finds them done and evaluates and registers."""
+# ---------------------------------------------------------------------------------------------
+# execution: deployments, fanned out over three GPU workers, one of them killed
+
+
+def _flow_runs(servers) -> list[tuple[str | None, object]]:
+    """(deployment name, flow run) of every flow run on the server."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from fusellm_flows.fuse import fuse
+    async def read():
+        async with get_client() as c:
+            deployments = {d.id: d.name for d in await c.read_deployments()}
+            return [(deployments.get(r.deployment_id), r) for r in await c.read_flow_runs()]
 
-    config, _ = s3_fusion
-    config = config.model_copy(
-        update={"execution": "deployments", "name": "dispatched", "workdir": deployed / "dwork"}
+    with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
+        return asyncio.run(read())
+
+
+def _task_runs(servers, flow_run_ids: list) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def read():
+        async with get_client() as c:
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=flow_run_ids))
+            return await c.read_task_runs(flow_run_filter=runs)
+
+    with temporary_settings({PREFECT_API_URL: servers["prefect_url"]}):
+        return asyncio.run(read())
+
+
+class PartKiller(threading.Thread):
+    """SIGKILLs one GPU worker, process tree and all (a machine lost), while it runs an
+    `extract-part` of the named fusion: once the part's run has been Running for a few
+    seconds, so that its first heartbeat reached the server."""
+
+    def __init__(self, servers, workers: dict, fusion: str, running_s: float = 3.0):
+        super().__init__(daemon=True)
+        self.servers, self.workers, self.fusion, self.running_s = (
+            servers,
+            workers,
+            fusion,
+            running_s,
+        )
+        self.killed: tuple[str, str] | None = None  # (worker, flow run id)
+        self.stop = threading.Event()
+
+    def _owner(self, run_id: str) -> str | None:
+        """The GPU worker whose process tree runs flow run `run_id`."""
+        for name, worker in self.workers.items():
+            if not name.startswith("gpu"):
+                continue
+            for child in psutil.Process(worker.pid).children(recursive=True):
+                try:
+                    if child.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                        return name
+                except psutil.Error:
+                    continue
+        return None
+
+    def _kill(self, name: str) -> None:
+        worker = psutil.Process(self.workers[name].pid)
+        for proc in [worker, *worker.children(recursive=True)]:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+
+    def run(self) -> None:
+        from datetime import datetime, timezone
+
+        while not self.stop.is_set() and self.killed is None:
+            for name, run in _flow_runs(self.servers):
+                if name != "extract-part" or run.parameters["config"]["name"] != self.fusion:
+                    continue
+                state = run.state
+                if state is None or not state.is_running():
+                    continue
+                age = (datetime.now(timezone.utc) - state.timestamp).total_seconds()
+                owner = self._owner(str(run.id)) if age >= self.running_s else None
+                if owner:
+                    self._kill(owner)
+                    self.killed = (owner, str(run.id))
+                    break
+            time.sleep(0.5)
+
+
+def _worker_of(root: Path, run_id: str) -> str:
+    """Which GPU worker's log names the flow run (the worker that ran it)."""
+    found = [
+        f"gpu-{i}"
+        for i in range(GPU_WORKERS)
+        if run_id in (root / f"worker-gpu-{i}.log").read_text(errors="replace")
+    ]
+    assert len(found) == 1, (run_id, found)
+    return found[0]
+
+
+def test_execution_deployments_fans_parts_out_over_the_gpu_workers(
+    servers, s3_fusion, in_process, deployed
+):
+    """`execution: deployments`: extraction of 2 models x 6 shards as 6 parts spread over the
+    GPU workers; one worker SIGKILLed in the middle of a part: its run ends Crashed (no more
+    heartbeats), the part runs again on another worker, and the fusion completes with stores
+    byte-identical to the in-process run's, every unit built once; evaluation runs on the GPU
+    pool as (model, suite) parts, children of `fuse`, with the in-process scores."""
+    root = deployed["root"]
+    config = s3_fusion[0].model_copy(
+        update={"execution": "deployments", "name": "dispatched", "workdir": root / "dwork"}
     )
-    storage = servers["root"] / "prefect" / "storage"
-    with temporary_settings(
-        {PREFECT_API_URL: servers["prefect_url"], PREFECT_LOCAL_STORAGE_PATH: storage}
-    ):
-        summary = fuse(config)
+    killer = PartKiller(servers, deployed["workers"], "dispatched")
+    killer.start()
+    try:
+        summary = _fuse_on(servers, config)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None, "no extract-part was seen running long enough to kill"
+    killed_worker, killed_run = killer.killed
 
-        async def runs():
-            async with get_client() as c:
-                deployments = {d.id: d.name for d in await c.read_deployments()}
-                return [(deployments.get(r.deployment_id), r) for r in await c.read_flow_runs()]
-
-        flow_runs = asyncio.run(runs())
-    dispatched = {
-        name: run
-        for name, run in flow_runs
-        if name in ("prepare", "extract", "align-fuse", "train")
-        and run.parameters.get("config", {}).get("name") == "dispatched"
-    }
-    assert set(dispatched) == {"prepare", "extract", "align-fuse", "train"}
-    assert all(run.state.is_completed() for run in dispatched.values())
-    assert {n: r.work_pool_name for n, r in dispatched.items()} == {
+    mine = [  # the runs of deployments `fuse` started (fuse itself ran in this process)
+        (name, run)
+        for name, run in _flow_runs(servers)
+        if name and run.parameters.get("config", {}).get("name") == "dispatched"
+    ]
+    fuse_id = summary["links"]["Prefect flow run"].rsplit("/", 1)[1]
+    pools = {name: run.work_pool_name for name, run in mine}
+    assert pools == {
         "prepare": "fusellm-cpu",
-        "extract": "fusellm-gpu",
+        "extract-part": "fusellm-gpu",
         "align-fuse": "fusellm-cpu",
         "train": "fusellm-gpu",
+        "evaluate-part": "fusellm-gpu",
     }
-    assert all(run.parent_task_run_id for run in dispatched.values())  # children of fuse
-    states = summary["states"]  # fuse itself found every stage up to training done
-    for stage in ("pieces", "extract", "fuse", "train"):
-        assert set(states[stage]) == {"Cached"}, (stage, states[stage])
-    assert "Completed" in states["register"]
-    assert (deployed / "dwork" / "train").is_dir()
+    assert all(run.parent_task_run_id for _, run in mine)  # children of fuse
+    parents = {t.flow_run_id for t in _task_runs(servers, [fuse_id])}
+    assert {str(p) for p in parents} == {fuse_id}
+
+    parts = [run for name, run in mine if name == "extract-part"]
+    by_part: dict[tuple, list] = {}
+    for run in sorted(parts, key=lambda r: r.created):
+        key = (run.parameters["model"], tuple(run.parameters["shards"]))
+        by_part.setdefault(key, []).append(run)
+    assert len(by_part) == 6  # 2 models x 6 shards, 2 shards a part
+    lost = [runs for runs in by_part.values() if any(str(r.id) == killed_run for r in runs)]
+    assert len(lost) == 1
+    assert [r.state.name for r in lost[0]] == ["Crashed", "Completed"], lost  # and its re-run
+    assert "heartbeat" in lost[0][0].state.message
+    others = [runs for runs in by_part.values() if runs is not lost[0]]
+    assert all([r.state.name for r in runs] == ["Completed"] for runs in others)
+    completed = [r for runs in by_part.values() for r in runs if r.state.is_completed()]
+    workers = {_worker_of(root, str(r.id)) for r in completed}
+    assert len(workers | {killed_worker}) >= 2, workers  # spread over the pool
+    assert _worker_of(root, str(lost[0][1].id)) != killed_worker  # taken by a live worker
+
+    # Every extraction unit built once (the lost run's last unit may have gone unreported).
+    tasks = _task_runs(servers, [r.id for r in parts])
+    computed = Counter(
+        t.name for t in tasks if t.name.startswith("extract-") and t.state_name == "Completed"
+    )
+    assert set(computed.values()) == {1}, computed  # nothing computed twice
+    assert len(computed) >= 12 - 2, computed  # the lost run may not have reported its units
+    assert summary["states"]["extract"] == ["Cached"] * 12  # fuse found every unit done
+    assert summary["states"]["evaluate"] == ["Cached"] * 4
+
+    # The stores equal the in-process run's, byte for byte.
+    mine_stores = sorted((root / "dwork" / "store").glob("[!.]*/store"))
+    theirs = {p.parent.name: p for p in (s3_fusion[0].workdir / "store").glob("[!.]*/store")}
+    assert len(mine_stores) == 2
+    for store in mine_stores:
+        assert _files(store) == _files(theirs[store.parent.name]), store
+
+    evaluations = [run for name, run in mine if name == "evaluate-part"]
+    assert sorted((r.parameters["model"], r.parameters["suite"]) for r in evaluations) == [
+        ("baseline", "local"), ("fused", "local"), ("llama", "local"), ("neox", "local")
+    ]  # fmt: skip
+    assert all(r.state.is_completed() for r in evaluations)
+    assert summary["scores"] == in_process["scores"]
+
+
+def _files(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

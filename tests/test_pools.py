@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from fusellm_flows.pools import JobSettings, PoolSetupError, job_env, templates
+from fusellm_flows.pools import (
+    HEARTBEAT_S,
+    SILENT_S,
+    JobSettings,
+    PoolSetupError,
+    crash_automation,
+    job_env,
+    templates,
+)
+
+HEARTBEATS = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
 
 
 def _defaults(template: dict) -> dict:
@@ -27,7 +37,7 @@ def test_docker_pools_give_stage_containers_image_network_volumes_and_gpus():
     for pool in (cpu, gpu):
         assert pool["networks"] == ["fusellm"]
         assert pool["volumes"] == ["fusellm-work:/data/fusellm"]
-        assert pool["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+        assert pool["env"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", **HEARTBEATS}
         # The images' entrypoint is the fusellm CLI: Prefect's command must run as given.
         assert pool["container_create_kwargs"]["entrypoint"] == ["/usr/bin/env"]
     assert "device_requests" not in cpu["container_create_kwargs"]
@@ -44,7 +54,27 @@ def test_docker_pools_give_stage_containers_image_network_volumes_and_gpus():
 def test_process_pools_carry_the_environment_only():
     made = templates("process", JobSettings(env={"FUSELLM_HOME": "/shared/fusellm"}))
     assert set(made) == {"fusellm-cpu", "fusellm-gpu"}
-    assert all(_defaults(t)["env"] == {"FUSELLM_HOME": "/shared/fusellm"} for t in made.values())
+    env = {"FUSELLM_HOME": "/shared/fusellm", **HEARTBEATS}
+    assert all(_defaults(t)["env"] == env for t in made.values())
+
+
+def test_jobs_send_heartbeats_at_a_frequency_the_settings_may_override():
+    """Without heartbeats a run whose worker is lost stays Running forever (flows/dispatch.py)."""
+    own = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "60"}
+    made = templates("process", JobSettings(env=own))
+    assert all(_defaults(t)["env"] == own for t in made.values())
+
+
+def test_the_crash_automation_marks_silent_runs_crashed():
+    from prefect.client.schemas.objects import StateType
+
+    automation = crash_automation()
+    trigger = automation.trigger
+    assert trigger.posture == "Proactive"
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    assert "prefect.flow-run.heartbeat" in trigger.expect
+    assert trigger.within.total_seconds() == SILENT_S >= 3 * HEARTBEAT_S
+    assert [a.state for a in automation.actions] == [StateType.CRASHED]
 
 
 def test_bad_settings_are_refused_with_what_was_expected():

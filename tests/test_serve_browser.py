@@ -32,7 +32,10 @@ from fusellm.settings import LOCALHOST, MLFLOW_DB, sqlite_uri
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parents[1]
-DEPLOYMENTS = {"fuse", "refusion", "prepare", "extract", "align-fuse", "train"}
+DEPLOYMENTS = {
+    "fuse", "refusion", "prepare", "extract", "align-fuse", "train",
+    "extract-part", "evaluate-part", "train-node",
+}  # fmt: skip
 SERVE_READY_S = 300  # sources, data, both servers' first start, on a busy 2-core machine
 RUN_DONE_MS = 300_000  # the tiny fusion, in a fresh flow-run process
 STOP_GRACE_S = 60

@@ -5,7 +5,8 @@ and the stack's Postgres and S3 images, and brings up infra/compose.yaml with it
 Then:
 1. the tiny fusion with `execution: deployments` runs as a `fuse` flow run in a container on
    the Docker pool fusellm-cpu, which runs each stage as a run of its deployment, each in a
-   container of its own (extract and train on fusellm-gpu); the fused model is registered in
+   container of its own (train, and extraction and evaluation in parts, on fusellm-gpu); the
+   fused model is registered in
    MLflow (its database in Postgres) with its files in the S3 store;
 2. the GPU pool holds its concurrency limit: stage runs submitted at once run one at a time;
 3. in Chromium, the `fuse` deployment is run from the Prefect UI's form and completes, and the
@@ -39,7 +40,8 @@ from support import api_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(3600)]
 
-STAGES = ("prepare", "extract", "align-fuse", "train")
+STAGES = ("prepare", "align-fuse", "train")
+PARTS = ("extract-part", "evaluate-part")  # extraction and evaluation fanned out (GPU pool)
 WORK = "/data/fusellm"  # the shared work volume, in every container
 MODEL = "stack-fused"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -95,6 +97,7 @@ def fusion_config(stack, tmp_path_factory, monkeypatch_module):
     data["name"] = "stack-fusion"
     data["target"] = {"uri": models["neox"]}
     data["training"].update(max_steps=6, learning_rate=1e-2)
+    data["extraction"]["shards_per_part"] = 8  # one part a model: a container each
     data["evaluation"]["data_dir"] = f"{WORK}/eval"
     data["tracking"]["registered_model"] = MODEL
     data["execution"] = "deployments"
@@ -146,16 +149,19 @@ def test_fusion_runs_stage_by_stage_in_containers(stack, fusion_config):
     runs = _runs_by_deployment(stack)
     fuse = [r for name, r in runs if name == "fuse"]
     stages = {name: r for name, r in runs if name in STAGES}
+    parts = [(name, r) for name, r in runs if name in PARTS]
     assert set(stages) == set(STAGES) and len(fuse) == 1
+    assert {name for name, _ in parts} == set(PARTS)
     assert {n: r.work_pool_name for n, r in stages.items()} == {
         "prepare": "fusellm-cpu",
-        "extract": "fusellm-gpu",
         "align-fuse": "fusellm-cpu",
         "train": "fusellm-gpu",
     }
-    assert all(r.state.is_completed() and r.parent_task_run_id for r in stages.values())
-    containers = {_container_id(r) for r in [*fuse, *stages.values()]}
-    assert len(containers) == 5 and all(len(c) == 64 for c in containers), containers
+    assert {r.work_pool_name for _, r in parts} == {"fusellm-gpu"}
+    children = [*stages.values(), *(r for _, r in parts)]
+    assert all(r.state.is_completed() and r.parent_task_run_id for r in children)
+    containers = {_container_id(r) for r in [*fuse, *children]}
+    assert len(containers) == 1 + len(children) and all(len(c) == 64 for c in containers)
 
     client = MlflowClient(stack.mlflow_url)
     versions = client.search_model_versions(f"name='{MODEL}'")

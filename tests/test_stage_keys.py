@@ -90,6 +90,9 @@ CASES: dict[str, tuple[object, set[str]]] = {
     "evaluation.limit": (1, EVERY_EVAL | {"compare", "register"}),
     "evaluation.max_gen_toks": (16, EVERY_EVAL | {"compare", "register"}),
     "evaluation.batch_size": (4, set()),
+    "evaluation.backend": ("vllm", EVERY_EVAL | {"compare", "register"}),
+    "extraction.shards_per_part": (3, set()),  # how extraction is cut into flow runs
+    "part_attempts": (5, set()),
     "evaluation.suites": (
         ["local", "commonsense"],
         {f"evaluate-{m}-commonsense" for m in ("fused", "baseline", "llama", "neox")}

@@ -72,11 +72,7 @@ def _encode(
 
 def _autocast(device: torch.device, model_dtype: torch.dtype):
     """bf16 autocast on GPUs that support it, for models loaded in float32."""
-    if (
-        device.type == "cuda"
-        and model_dtype == torch.float32
-        and torch.cuda.is_bf16_supported()
-    ):
+    if device.type == "cuda" and model_dtype == torch.float32 and torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -102,7 +98,9 @@ def _topk_batch(model, batch: list[list[int]], top_k: int, device, piece_ids: li
         top_v, top_i = part.topk(top_k, dim=-1)
         values.append(top_v - log_z)
         indices.append(top_i)
-        nll.append((log_z - part.gather(-1, next_ids[:, start : start + _POSITION_CHUNK, None]))[..., 0])
+        nll.append(
+            (log_z - part.gather(-1, next_ids[:, start : start + _POSITION_CHUNK, None]))[..., 0]
+        )
     values, indices, nll = torch.cat(values, 1), torch.cat(indices, 1), torch.cat(nll, 1)
     valid = mask.bool()
     bad = ~torch.isfinite(values[..., 0]) & valid
@@ -113,9 +111,7 @@ def _topk_batch(model, batch: list[list[int]], top_k: int, device, piece_ids: li
             "check the weights and the dtype (float16 overflow?)"
         )
     values, indices, nll = values.cpu().numpy(), indices.cpu().numpy(), nll.cpu().numpy()
-    return [
-        (indices[row, :n], values[row, :n], nll[row, :n]) for row, n in enumerate(lengths)
-    ]
+    return [(indices[row, :n], values[row, :n], nll[row, :n]) for row, n in enumerate(lengths)]
 
 
 def _record(ids: list[int], top_ids, top_lp, nll, with_token_ce: bool) -> TopkRecord:
@@ -182,7 +178,10 @@ def extract_topk(
     meta = {
         "model_fingerprint": model_fingerprint(model),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "model_name": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        # the folder's name, not its path: a store is the same bytes wherever the work folder
+        # is mounted (fingerprints above say which model it is)
+        "model_name": Path(getattr(model.config, "_name_or_path", "") or "").name
+        or type(model).__name__,
         "max_length": max_length,
         "eos_token_id": frame.end,
         "prefix_tokens": frame.prefix,  # positions before the text: fusion aligns past them
@@ -190,7 +189,9 @@ def extract_topk(
         "tokenizer_size": len(tokenizer),
         "texts_sha256": sha256_texts(texts),
     }
-    writer = TopkWriter(Path(out_dir), top_k=top_k, vocab_size=vocab, meta=meta, shard_size=shard_size)
+    writer = TopkWriter(
+        Path(out_dir), top_k=top_k, vocab_size=vocab, meta=meta, shard_size=shard_size
+    )
     device = next(model.parameters()).device
     model.eval()
     started = time.perf_counter()
@@ -226,8 +227,11 @@ def extract_topk(
         new_tokens += sum(len(ids) for ids in chunk)
     bar.close()
     seconds = time.perf_counter() - started
-    return writer.finish(
-        seconds=seconds,
-        tokens_per_second=new_tokens / seconds if seconds > 0 else None,
-        topk_mass=topk_mass_summary(writer.manifest["shards"]),
-    )
+    manifest = writer.finish(topk_mass=topk_mass_summary(writer.manifest["shards"]))
+    # Timings go to the caller, not into the store: a store is the same bytes wherever and
+    # however fast it was built (parts on other workers, a resumed run).
+    return {
+        **manifest,
+        "seconds": seconds,
+        "tokens_per_second": new_tokens / seconds if seconds > 0 else None,
+    }

@@ -531,7 +531,8 @@ class TopkWriter:
         return entry
 
     def finish(self, **extra) -> dict:
-        """Mark the store complete; `extra` fields (e.g. timings) go into the manifest."""
+        """Mark the store complete; `extra` fields (e.g. summaries of the shards) go into the
+        manifest, which must hold only what follows from the content."""
         self.manifest.update(extra)
         self.manifest["complete"] = True
         tokens = max(self.manifest["tokens"], 1)

@@ -58,10 +58,50 @@ def _document_lm_class():
     return DocumentHFLM
 
 
+class BackendUnavailable(RuntimeError):
+    """The evaluation backend asked for cannot run here: says what is missing."""
+
+
+def _vllm_lm(folder: Path, tokenizer, frame, batch_size, trust_remote_code):
+    """lm-eval's vLLM model over a model folder: for generation-heavy suites on a GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise BackendUnavailable(
+            "evaluation.backend: vllm needs the vllm package on the machine that evaluates "
+            "(`pip install vllm`, on a CUDA machine); or use backend: hf"
+        )
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailable(
+            "evaluation.backend: vllm needs a CUDA GPU, and this machine has none; "
+            "use backend: hf here"
+        )
+    from lm_eval.models.vllm_causallms import VLLM
+
+    return VLLM(
+        pretrained=str(folder),
+        tokenizer=str(folder),
+        batch_size="auto" if batch_size == 1 else batch_size,
+        trust_remote_code=trust_remote_code,
+        prefix_token_id=frame.start if frame.start is not None else frame.end,
+        add_bos_token=False,  # the frame's start token is the prefix, as with hf
+    )
+
+
 def load_lm(
-    model, *, tokenizer=None, batch_size=1, device="cpu", trust_remote_code=False, frame=None
+    model,
+    *,
+    tokenizer=None,
+    batch_size=1,
+    device="cpu",
+    trust_remote_code=False,
+    frame=None,
+    backend: str = "hf",
 ):
-    """lm-eval's HFLM around a model folder or an in-memory Hugging Face causal LM.
+    """lm-eval's HFLM (or, with `backend` "vllm", its vLLM model) around a model folder, or
+    an HFLM around an in-memory Hugging Face causal LM.
 
     `frame` (`fusellm.data.framing.DocumentFrame`): its start token conditions texts scored
     from their beginning; default: the tokenizer's own frame.
@@ -70,6 +110,7 @@ def load_lm(
 
     from fusellm.data.framing import document_frame
 
+    folder = None
     if isinstance(model, (str, os.PathLike)):
         folder = _model_folder(Path(model))
         model = str(folder)
@@ -78,6 +119,12 @@ def load_lm(
     elif tokenizer is None:
         raise ValueError("an in-memory model needs its tokenizer (tokenizer=...)")
     frame = frame or document_frame(tokenizer)
+    if backend == "vllm":
+        if folder is None:
+            raise BackendUnavailable("evaluation.backend: vllm loads models from folders only")
+        return _vllm_lm(folder, tokenizer, frame, batch_size, trust_remote_code)
+    if backend != "hf":
+        raise ValueError(f"evaluation backend: expected hf or vllm, got {backend!r}")
     return _document_lm_class()(
         pretrained=model,
         tokenizer=tokenizer,
@@ -123,13 +170,14 @@ def run_suite(
     trust_remote_code: bool = False,
     label: str | None = None,
     frame=None,
+    backend: str = "hf",
 ) -> SuiteResult:
     """Evaluate `model` (a model folder or an in-memory HF causal LM) on `suite`.
 
     data_dir: local JSONL files in the Hub layout (shortcut for EvalDataSource(data_dir=...));
     tasks: run only these leaf tasks of the suite; limit: at most this many documents per task;
     max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers);
-    frame: the model's document frame (`load_lm`).
+    frame: the model's document frame (`load_lm`); backend: hf or vllm (`load_lm`).
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -145,6 +193,7 @@ def run_suite(
         device=device,
         trust_remote_code=trust_remote_code,
         frame=frame,
+        backend=backend,
     )
     staging = output_dir.with_name(f".{output_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -279,6 +279,9 @@ class Unit:
     in_process_pool: bool = False
     # Keys of the units whose folders this one reads: a plan names them when they change.
     inputs: tuple[str, ...] = field(default=(), compare=False)
+    # What names this unit to a process that rebuilds it from the config alone: a flow run of
+    # a unit deployment on another machine (`flows/dispatch.py`), e.g. {"model": .., "shard": ..}.
+    spec: dict = field(default_factory=dict, compare=False)
 
     def run(self) -> Artifact:
         return build_stage(self.workdir, self.stage, self.key, self.build)
@@ -399,9 +402,7 @@ def frame_of(model: ModelFiles):
     """The tokens around each piece for this model: its tokenizer's, unless the config says."""
     from fusellm.data.framing import document_frame
 
-    return document_frame(
-        tokenizer_of(model), model.ref.document_start, model.ref.document_end
-    )
+    return document_frame(tokenizer_of(model), model.ref.document_start, model.ref.document_end)
 
 
 def cores() -> int:

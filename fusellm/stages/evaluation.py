@@ -59,6 +59,7 @@ def evaluate_key(model_key: str, label: str, suite: str, config: FusionConfig) -
         data=suite_data_identity(suite, ev.data_dir),
         limit=ev.limit,
         max_gen_toks=ev.max_gen_toks,
+        backend=ev.backend,  # another engine: generations may differ by float rounding
     )
 
 
@@ -100,6 +101,7 @@ def evaluate_unit(
             label=label,
             tokenizer=tokenizer,
             frame=document_frame(tokenizer, ref.document_start, ref.document_end),
+            backend=ev.backend,
         )
         return {
             "label": label,
@@ -110,7 +112,8 @@ def evaluate_unit(
 
     key = evaluate_key(model_key, label, suite, config)
     label_ = f"evaluate-{label}-{suite}"
-    return Unit("evaluate", key, label_, config.workdir, build, inputs=(model_key,))
+    spec = {"model": label, "suite": suite}
+    return Unit("evaluate", key, label_, config.workdir, build, inputs=(model_key,), spec=spec)
 
 
 Results = dict[str, dict[str, Artifact]]  # model label -> suite -> evaluation
@@ -162,4 +165,3 @@ def primary_scores(results: Results, suite: str) -> dict[str, float] | None:
             )
         out[label] = float(value)
     return out
-

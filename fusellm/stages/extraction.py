@@ -17,7 +17,9 @@ from fusellm.stages.base import (
 from fusellm.stages.prepare import read_shard
 
 
-def extract_key(model: ModelFiles, pieces: Artifact, shard: int | None, config: FusionConfig) -> str:
+def extract_key(
+    model: ModelFiles, pieces: Artifact, shard: int | None, config: FusionConfig
+) -> str:
     """What decides a shard's top-k: the model, the pieces, which shard, and what is kept.
 
     Not the batch size or the device: they change the numbers only by float rounding, and a
@@ -89,7 +91,8 @@ def extract_unit(
 
     label = f"extract-{model.name}-shard-{'all' if shard is None else shard}"
     key = extract_key(model, pieces, shard, config)
-    return Unit("extract", key, label, config.workdir, build, inputs=(pieces.key,))
+    spec = {"model": model.name, "shard": shard}
+    return Unit("extract", key, label, config.workdir, build, inputs=(pieces.key,), spec=spec)
 
 
 def store_key(shards: list[Artifact], pieces: Artifact) -> str:
@@ -118,7 +121,12 @@ def store_unit(model: ModelFiles, shards: list[Artifact], pieces: Artifact, work
             for level, share in (merged.get("topk_mass") or {}).items()
             if level != "positions" and share is not None
         }  # how much of the model's distribution top-k keeps: logged per model, to choose k
-        return {"count": merged["count"], "tokens": merged["tokens"], "bytes": merged["bytes"], **mass}
+        return {
+            "count": merged["count"],
+            "tokens": merged["tokens"],
+            "bytes": merged["bytes"],
+            **mass,
+        }
 
     key = store_key(shards, pieces)
     inputs = tuple(s.key for s in shards)

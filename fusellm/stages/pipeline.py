@@ -295,13 +295,20 @@ def train(f: Fusion, ex: Executor) -> None:
                 ex.tracker.metrics({"loss": loss}, step=step, prefix=f"train/{label}")
 
 
+def evaluated_models(f: Fusion) -> dict[str, tuple]:
+    """Label -> (folder, content key, the config's model it loads as): the trained models, and
+    each source when sources are evaluated."""
+    models = {label: (a.path / "model", a.key, f.target) for label, a in f.trained.items()}
+    if f.config.evaluation.sources:
+        for m in f.sources:
+            models[m.name] = (m.path, m.identity, m)
+    return models
+
+
 def evaluate(f: Fusion, ex: Executor) -> None:
     """Every suite on the fused model, the baseline and each source; then the comparison."""
     config = f.config
-    models = {label: (a.path / "model", a.key, f.target) for label, a in f.trained.items()}
-    if config.evaluation.sources:
-        for m in f.sources:
-            models[m.name] = (m.path, m.identity, m)
+    models = evaluated_models(f)
     params = {"suites": config.evaluation.suites, "limit": config.evaluation.limit}
     with ex.tracker.stage("evaluate", params=params):
         for label, (path, key, loaded_as) in models.items():  # one at a time: each loads a model
@@ -360,6 +367,53 @@ STEPS = {
     "evaluate": evaluate,
     "register": register,
 }
+
+
+class UnknownPart(ValueError):
+    """A unit of fan-out work names a model or suite the fusion does not have."""
+
+
+def extract_part(
+    config: FusionConfig, ex: Executor, model: str, shards: list[int]
+) -> list[Artifact]:
+    """One unit of extraction fan-out: `model` (a model's name) over `shards`, on one worker.
+
+    The stages before are found done (the shared work folder). The part has its machine to
+    itself: its shards go round robin over every GPU the worker sees, the model loaded once
+    per GPU for all of them (`fusellm.stages.devices`).
+    """
+    f = Fusion(config)
+    prepare(f, ex)
+    names = [m.name for m in f.models]
+    if model not in names:
+        raise UnknownPart(
+            f"extraction part: no model {model!r} in this fusion ({', '.join(names)})"
+        )
+    place = names.index(model)
+    n = shard_count(f.pieces)
+    wrong = [s for s in shards if n is None or not 0 <= s < n]
+    if wrong:
+        raise UnknownPart(f"extraction part: shards {wrong} out of range (the pieces have {n})")
+    units = [extract_unit(f.models[place], f.pieces, s, config) for s in shards]
+    try:
+        return ex.run_all(units)
+    finally:
+        DEVICES.release()
+
+
+def evaluate_part(config: FusionConfig, ex: Executor, model: str, suite: str) -> Artifact:
+    """One unit of evaluation fan-out: `model` (fused, baseline or a source) on `suite`."""
+    f = walk(config, ex, until="train")
+    models = evaluated_models(f)
+    if model not in models:
+        raise UnknownPart(f"evaluation part: no model {model!r} here ({', '.join(models)})")
+    if suite not in config.evaluation.suites:
+        raise UnknownPart(
+            f"evaluation part: suite {suite!r} is not in evaluation.suites "
+            f"({', '.join(config.evaluation.suites)})"
+        )
+    path, key, loaded_as = models[model]
+    return ex.run(evaluate_unit(path, key, model, suite, config, loaded_as=loaded_as))
 
 
 def walk(config: FusionConfig, ex: Executor, *, until: str = "register") -> Fusion:

@@ -7,6 +7,7 @@ processes cannot find the parent through this process, so they pass `parent_run_
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,10 @@ from fusellm.io.files import exclusive_lock
 from fusellm.settings import MLFLOW_ARTIFACTS, without_credentials
 from fusellm.tracking.current import TrackingError, innermost_fusion, open_fusion
 from fusellm.tracking.log import log_json
+from fusellm.tracking.orphans import RunOver, close_orphans, owner_tags
 from fusellm.tracking.redact import clean_tags, flatten_params, redact
+
+log = logging.getLogger(__name__)
 
 TAG_CODE_VERSION = "fusellm.code_version"
 TAG_STAGE = "fusellm.stage"
@@ -106,6 +110,14 @@ def ensure_experiment(name: str) -> str:
         return found.experiment_id
 
 
+def _close_orphans(experiment_id: str, run_over: RunOver | None) -> None:
+    """Close what dead processes left RUNNING; a fusion never fails for want of tidying."""
+    try:
+        close_orphans(experiment_id, run_over)
+    except MlflowException as err:
+        log.warning("could not look for runs left RUNNING in experiment %s: %s", experiment_id, err)
+
+
 @contextmanager
 def fusion_run(
     name: str,
@@ -114,19 +126,23 @@ def fusion_run(
     params: Mapping[str, Any] | Any | None = None,
     tags: Mapping[str, Any] | None = None,
     tracking_uri: str | None = None,
+    run_over: RunOver | None = None,
 ) -> Iterator[str]:
     """The parent run of one fusion; yields its run id.
 
     `params` (a dict, pydantic model or dataclass) is logged flattened and as `config.json`,
     without secrets. The code version is always tagged. Nested inside an already active run
-    (a sweep, say) rather than failing. The run ends FAILED if the block raises.
+    (a sweep, say) rather than failing. The run ends FAILED if the block raises. First, runs of
+    the experiment left RUNNING by a process that died are set KILLED (`orphans`; `run_over`
+    asks the orchestrator whether its run is over).
     """
     previous_uri = mlflow.get_tracking_uri() if tracking_uri else None
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
         experiment_id = ensure_experiment(experiment)
-        all_tags = clean_tags({TAG_CODE_VERSION: code_version(), **(tags or {})})
+        _close_orphans(experiment_id, run_over)
+        all_tags = clean_tags({TAG_CODE_VERSION: code_version(), **owner_tags(), **(tags or {})})
         with (
             mlflow.start_run(
                 run_name=name,
@@ -173,7 +189,7 @@ def stage_run(
         experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     else:
         experiment_id = ensure_experiment(experiment)
-    all_tags = clean_tags({TAG_STAGE: stage, **(tags or {})})
+    all_tags = clean_tags({TAG_STAGE: stage, **owner_tags(), **(tags or {})})
     with mlflow.start_run(
         run_name=stage,
         experiment_id=experiment_id,

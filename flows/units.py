@@ -1,0 +1,46 @@
+"""The units of fan-out work, each a flow that any worker of the GPU pool can take.
+
+With `execution: deployments`, `fuse` cuts extraction into parts of (model, group of shards)
+and evaluation into (model, suite), and starts one run of `extract-part` or `evaluate-part` per
+part (`fusellm_flows.dispatch`). A part walks the stages before it, which it finds done in the
+shared work folder, and builds its own stage folders there: a part's folders are its result.
+Parts log no MLflow runs of their own; `fuse` logs the numbers when it walks the finished stages.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from fusellm.config import FusionConfig
+from fusellm.settings import apply_tracking_defaults
+from fusellm.stages import pipeline
+from fusellm.stages.pipeline import NullTracker
+from fusellm_tasks.stages import PrefectExecutor
+
+
+def _part_name() -> str:
+    from prefect import runtime
+
+    p = runtime.flow_run.parameters
+    what = p.get("shards") if "shards" in p else p.get("suite")
+    if isinstance(what, list):
+        what = "shards-" + "-".join(str(s) for s in what)
+    return f"{p.get('model')}-{what}"
+
+
+@flow(name="extract-part", flow_run_name=_part_name)
+def extract_part(config: FusionConfig, model: str, shards: list[int]) -> dict:
+    """Top-k distributions of one model over a group of shards (one unit of extraction)."""
+    apply_tracking_defaults()
+    ex = PrefectExecutor(NullTracker())
+    done = pipeline.extract_part(config, ex, model, shards)
+    return {"folders": [str(a.path) for a in done], "states": ex.tally.as_dict()}
+
+
+@flow(name="evaluate-part", flow_run_name=_part_name)
+def evaluate_part(config: FusionConfig, model: str, suite: str) -> dict:
+    """One model (fused, baseline or a source) scored on one suite."""
+    apply_tracking_defaults()
+    ex = PrefectExecutor(NullTracker())
+    result = pipeline.evaluate_part(config, ex, model, suite)
+    return {"folder": str(result.path), "average": result.info.get("average")}
