@@ -129,6 +129,13 @@ class AlignmentConfig(_Section):
 class FusionOptions(_Section):
     """Fusion function over the candidates (target's own + each aligned source)."""
 
+    mode: Literal["joint", "pairwise"] = Field(
+        "joint",
+        title="Mode",
+        description="joint: one training against every source at once (FuseLLM); pairwise: "
+        "one training per source with the target (the pivot) and that source as candidates, "
+        "then the pairwise models merged onto the pivot (FuseChat; the `merge` section)",
+    )
     method: Literal["min_ce", "avg_ce", "avg_ce_unnormalised"] = Field(
         "min_ce",
         title="Fusion function",
@@ -631,6 +638,15 @@ class FusionConfig(BaseModel):
             raise ValueError(
                 "tracking.register_model: the champion decision compares the fused model with "
                 "every source, so evaluation.sources must be true (or register_model false)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _pairwise_on_one_node(self) -> FusionConfig:
+        if self.fusion.mode == "pairwise" and self.training.nodes > 1:
+            raise ValueError(
+                "fusion.mode: pairwise trains each pair on one machine (its K trainings run "
+                "side by side instead); set training.nodes: 1"
             )
         return self
 

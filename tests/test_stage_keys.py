@@ -131,6 +131,7 @@ NOT_CASES = {
     "tracking.tracking_uri": "another registry: a key of register, but another database here",
     "tracking.register_model": "changes whether registration exists, not a key",
     "workdir": "a new work folder starts empty",
+    "fusion.mode": "changes which fuse and train units exist: tests/test_pairwise.py",
     "planning.parameters": "a mapping of size hints for `fusellm plan`; read by no stage",
 }
 # Keys of the merge stage, which runs with pairwise fusion, not in this fixture; each one's

@@ -9,7 +9,8 @@ stage work is carried out and where its numbers are logged.
     prepare   resolve identities, fetch models, cut the corpus into pieces
     extract   top-k per model x shard, merged into one store per model
     align_fuse  vocabulary map per source, aligned and fused training store
-    train     the fused model and the CLM baseline (lam = 1)
+    train     the fused model and the CLM baseline (lam = 1); pairwise: a model per source,
+              merged onto the pivot
     evaluate  every suite on the fused model, the baseline and each source; the comparison
     register  the fused model in MLflow, champion or challenger
 """
@@ -181,7 +182,8 @@ class Fusion:
     shards: dict[str, list[Artifact]] = field(default_factory=dict)  # model identity -> shards
     stores: dict[str, Artifact] = field(default_factory=dict)  # model identity -> merged store
     fused_data: Artifact | None = None
-    trained: dict[str, Artifact] = field(default_factory=dict)  # "fused" / "baseline"
+    pairs: dict[str, Artifact] = field(default_factory=dict)  # pairwise: source -> fused data
+    trained: dict[str, Artifact] = field(default_factory=dict)  # "fused" / "baseline" / "pair-*"
     results: Results = field(default_factory=dict)
     comparison: Artifact | None = None
     scores: dict[str, float] | None = None
@@ -263,36 +265,77 @@ def align_and_fuse(f: Fusion, ex: Executor) -> None:
             ex.tracker.metrics(
                 {"exact_rate": vmap.info.get("exact_rate")}, prefix=f"vocab/{source.name}"
             )
-        units = [
-            fuse_unit(
-                f.pieces,
-                shard,
-                f.target,
-                f.shards[f.target.identity][i],
-                [(m, f.shards[m.identity][i], v) for m, v in zip(f.sources, maps)],
-                config,
-            )
-            for i, shard in enumerate(_shards(f))
-        ]
-        fused_shards = ex.run_all(units, workers=config.fusion.workers or cores())
-        f.fused_data = ex.run(fused_unit(fused_shards, maps, f.pieces, config))
-        for name, stats in f.fused_data.info.get("sources_stats", {}).items():
-            ex.tracker.metrics(stats, prefix=f"fusion/{name}")
+        if config.fusion.mode == "joint":
+            f.fused_data = _fuse(f, ex, list(zip(f.sources, maps)))
+        else:  # one fused store per source, with the pivot (the target) as the other candidate
+            for source, vmap in pivot_pairs(f, maps):
+                f.pairs[source.name] = _fuse(f, ex, [(source, vmap)])
+
+
+def pivot_pairs(f: Fusion, maps: list[Artifact]) -> list[tuple[ModelFiles, Artifact]]:
+    """The sources paired with the pivot in pairwise fusion: every source but the target itself
+    (its pair would fuse it with itself), each with its vocabulary map."""
+    pairs = [(s, m) for s, m in zip(f.sources, maps) if s.identity != f.target.identity]
+    if not pairs:
+        raise ValueError(
+            "fusion.mode: pairwise needs a source other than the target (the pivot); the "
+            f"sources are {', '.join(s.name for s in f.sources)}"
+        )
+    return pairs
+
+
+def _fuse(f: Fusion, ex: Executor, sources: list[tuple[ModelFiles, Artifact]]) -> Artifact:
+    """Align-and-fuse units per shard (worker processes, `fusion.workers` at once, default the
+    cores) over the target and `sources`; the fused shards joined into one training store."""
+    config = f.config
+    units = [
+        fuse_unit(
+            f.pieces,
+            shard,
+            f.target,
+            f.shards[f.target.identity][i],
+            [(m, f.shards[m.identity][i], v) for m, v in sources],
+            config,
+        )
+        for i, shard in enumerate(_shards(f))
+    ]
+    fused_shards = ex.run_all(units, workers=config.fusion.workers or cores())
+    fused = ex.run(fused_unit(fused_shards, [v for _, v in sources], f.pieces, config))
+    for name, stats in fused.info.get("sources_stats", {}).items():
+        ex.tracker.metrics(stats, prefix=f"fusion/{name}")
+    return fused
 
 
 def train(f: Fusion, ex: Executor) -> None:
-    """The fused model and, when it is evaluated, the CLM baseline (lam = 1) on the same pieces."""
+    """The fused model and, when it is evaluated, the CLM baseline (lam = 1) on the same pieces.
+
+    Pairwise: one model per pair (`pair-<source>`), independent trainings, then the fused model
+    is their merge onto the pivot (`merge` stage; with one pair, that pair's model)."""
     config = f.config
-    runs = {"fused": (f.fused_data, False)}
+    runs = {"fused": (f.fused_data, False, None)}
+    if config.fusion.mode == "pairwise":
+        runs = {f"pair-{name}": (data, False, name) for name, data in f.pairs.items()}
     if config.evaluation.baseline:
-        runs["baseline"] = (f.stores[f.target.identity], True)
-    for label, (data, baseline) in runs.items():
+        runs["baseline"] = (f.stores[f.target.identity], True, None)
+    for label, (data, baseline, pair) in runs.items():
         lam = 1.0 if baseline else config.training.lam
         with ex.tracker.stage(f"train_{label}", params={"lam": lam}):
-            unit = train_unit(f.target, data, f.pieces, config, baseline=baseline)
+            unit = train_unit(f.target, data, f.pieces, config, baseline=baseline, pair=pair)
             f.trained[label] = ex.run(unit)
             for step, loss in enumerate(f.trained[label].info.get("losses", []), start=1):
                 ex.tracker.metrics({"loss": loss}, step=step, prefix=f"train/{label}")
+    if config.fusion.mode == "pairwise":
+        f.trained["fused"] = merge(f, ex, [f.trained[f"pair-{name}"] for name in f.pairs])
+
+
+def merge(f: Fusion, ex: Executor, pairwise: list[Artifact]) -> Artifact:
+    """The pairwise models merged onto the pivot with mergekit (`fusellm.stages.merging`)."""
+    from fusellm.stages.merging import merge_unit
+
+    if len(pairwise) == 1:  # nothing to merge: the one pairwise model is the fused one
+        return pairwise[0]
+    with ex.tracker.stage("merge", params=f.config.merge.model_dump()):
+        return ex.run(merge_unit(f.target, pairwise, f.config))
 
 
 def evaluated_models(f: Fusion) -> dict[str, tuple]:

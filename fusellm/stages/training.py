@@ -38,9 +38,13 @@ TRAININGS = ("fused", "baseline")  # what `train_node` and the pipeline call the
 NODE_ADDRESS_VARIABLE = "FUSELLM_NODE_ADDRESS"
 
 
-def training_config(config: FusionConfig, *, baseline: bool = False):
-    """The fused run checks the data covers every source; the baseline is the same with lam = 1."""
-    update = {"lam": 1.0, "sources": None} if baseline else {"sources": config.source_names}
+def training_config(config: FusionConfig, *, baseline: bool = False, pair: str | None = None):
+    """The fused run checks the data covers every source (a pairwise run: its one source); the
+    baseline is the same with lam = 1."""
+    if baseline:
+        update = {"lam": 1.0, "sources": None}
+    else:
+        update = {"sources": [pair] if pair else config.source_names}
     return config.training.model_copy(update=update)
 
 
@@ -51,6 +55,7 @@ def train_key(
     config: FusionConfig,
     *,
     baseline: bool = False,
+    pair: str | None = None,
 ) -> str:
     """The fused model depends on the fused store; the baseline only on the target's token ids.
 
@@ -60,7 +65,9 @@ def train_key(
     retrains it.
     """
     ignored = SCHEDULING_FIELDS | (FUSION_ONLY_FIELDS if baseline else set())
-    training = training_config(config, baseline=baseline).model_dump(mode="json", exclude=ignored)
+    training = training_config(config, baseline=baseline, pair=pair).model_dump(
+        mode="json", exclude=ignored
+    )
     if baseline:
         inputs = {"pieces": pieces.key, "tokenizer": target.tokenizer}
         inputs["extract_version"] = versions.version("extract")
@@ -106,10 +113,13 @@ def train_unit(
     config: FusionConfig,
     *,
     baseline: bool = False,
+    pair: str | None = None,
     local_addr: str | None = None,
     host: bool | None = None,
 ) -> Unit:
     """Continual training of the target: fused objective, or plain CLM (lam = 1) for the baseline.
+
+    `pair`: with `fusion.mode: pairwise`, the one source whose pairwise fused data `data` is.
 
     `data`: the fused store, or for the baseline the target's own extraction store. With several
     GPUs, the training runs under the DeepSpeed launcher, one process per GPU
@@ -122,8 +132,8 @@ def train_unit(
     from fusellm.train import train
     from fusellm.train.launch import launch, processes_for
 
-    training = training_config(config, baseline=baseline)
-    key = train_key(target, data, pieces, config, baseline=baseline)
+    training = training_config(config, baseline=baseline, pair=pair)
+    key = train_key(target, data, pieces, config, baseline=baseline, pair=pair)
 
     def build(folder: Path) -> dict:
         processes = processes_for(gpu_count())
@@ -141,7 +151,7 @@ def train_unit(
             "lam": training.lam,
         }
 
-    label = "train-baseline" if baseline else "train-fused"
+    label = "train-baseline" if baseline else f"train-pair-{pair}" if pair else "train-fused"
     inputs = (pieces.key,) if baseline else (data.key,)
     return Unit("train", key, label, config.workdir, build, inputs=inputs)
 
