@@ -46,7 +46,9 @@ def eval_command(
             help="model folder (safetensors), hf://org/name[@revision] or s3://bucket/prefix.",
         ),
     ],
-    suite: Annotated[str, typer.Option("--suite", help="bbh, commonsense, multipl-e or local.")],
+    suite: Annotated[
+        str, typer.Option("--suite", help="bbh, commonsense, multipl-e, local or custom.")
+    ],
     output: Annotated[Path, typer.Option("--output", help="Folder for results and sample logs.")],
     data_dir: Annotated[
         Path | None,
@@ -65,8 +67,21 @@ def eval_command(
         Path | None, typer.Option("--cache-dir", help="Pre-filled datasets cache.")
     ] = None,
     task: Annotated[
-        list[str] | None, typer.Option("--task", help="Run only this task (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--task",
+            help="Run only this task of the suite (repeat); with --suite custom: an lm-eval "
+            "task or group to run, or one of --task-dir.",
+        ),
     ] = None,
+    task_dir: Annotated[
+        Path | None,
+        typer.Option("--task-dir", help="With --suite custom: a folder of lm-eval task YAMLs."),
+    ] = None,
+    chat_template: Annotated[
+        bool,
+        typer.Option("--chat-template", help="Render prompts with the model's chat template."),
+    ] = False,
     limit: Annotated[
         int | None, typer.Option("--limit", help="At most this many documents per task.")
     ] = None,
@@ -91,6 +106,7 @@ def eval_command(
 
     from fusellm.evaluate.data import DataError, EvalDataSource
     from fusellm.evaluate.runner import run_suite
+    from fusellm.evaluate.suites import CUSTOM, CustomTasks
     from fusellm.io.uris import SourceError
 
     console = Console()
@@ -99,17 +115,20 @@ def eval_command(
         data = None
         if source or data_dir or cache_dir:
             data = EvalDataSource(source=source, data_dir=data_dir, cache_dir=cache_dir)
+        custom = CustomTasks(tuple(task or ()), task_dir) if suite == CUSTOM else None
         result = run_suite(
             model_dir,
             suite,
             output_dir=output,
             data=data,
-            tasks=task or None,
+            tasks=None if custom else task or None,
             limit=limit,
             batch_size=batch_size,
             device=pick_device(device),
             max_gen_toks=max_gen_toks,
             trust_remote_code=trust_remote_code,
+            chat_template=chat_template,
+            custom=custom,
         )
     except (DataError, SourceError, FileNotFoundError, ValueError, KeyError) as error:
         typer.echo(f"error: {error}", err=True)

@@ -4,6 +4,11 @@ FuseLLM's claim is relative: the fused target should beat each source and, above
 continual training without fusion (CLM baseline, lambda = 1). So the report always shows all of
 them per task and on the suite average, with the fused model's gain over the baseline and over
 the best source, as a markdown table and a grouped bar chart like the paper's figures.
+
+With pairwise fusion (FuseChat) the fused model is the merge of the pairwise models: they stand
+beside it (`pair-<source>`), with the merge's gain over the best of them; a jointly fused model
+in the same results (`joint`) stands there too. The `custom` suite holds tasks of different
+kinds, so each task or group it names is its own table, in its own metric.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class Comparison:
     markdown: str
     table_path: Path
     chart_path: Path
+    pairs: list[str] = field(default_factory=list)
+    joint: str | None = None
 
 
 def _as_result(value) -> SuiteResult:
@@ -57,21 +64,47 @@ def _by_suite(value) -> dict[str, SuiteResult]:
     return {suite: _as_result(v) for suite, v in dict(value).items()}
 
 
-def build_tables(results: dict, order: list[str]) -> dict[str, SuiteTable]:
-    """Gather each suite's primary metric for the models in `order`."""
-    per_model = {model: _by_suite(results[model]) for model in order}
-    suites: list[str] = []
+def _mean(values) -> float | None:
+    known = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(known) / len(known) if known else None
+
+
+def _sections(per_model: dict[str, dict[str, SuiteResult]], order: list[str]) -> dict:
+    """Table name -> (suite, metric, higher is better, its tasks or None for all the suite's).
+
+    A suite is one table; a suite whose results name entries (`custom`: task or group -> its
+    tasks, each read by its own metric) is a table per entry, `<suite>/<entry>`.
+    """
+    sections: dict[str, tuple[str, str, bool, list[str] | None]] = {}
     for model in order:
-        suites += [s for s in per_model[model] if s not in suites]
+        for suite, result in per_model[model].items():
+            entries = result.extra.get("entries") if isinstance(result.extra, dict) else None
+            if not entries:
+                sections.setdefault(
+                    suite, (suite, result.primary_metric, result.higher_is_better, None)
+                )
+                continue
+            for name, entry in entries.items():
+                metric = entry.get("metric") or result.primary_metric
+                higher = entry.get("higher_is_better", result.higher_is_better)
+                sections.setdefault(f"{suite}/{name}", (suite, metric, higher, entry["tasks"]))
+    return sections
+
+
+def build_tables(results: dict, order: list[str]) -> dict[str, SuiteTable]:
+    """Gather each suite's primary metric (each entry's metric) for the models in `order`."""
+    per_model = {model: _by_suite(results[model]) for model in order}
     tables = {}
-    for suite in suites:
+    for name, (suite, metric, higher, wanted) in _sections(per_model, order).items():
         present = [per_model[m][suite] for m in order if suite in per_model[m]]
-        metric, higher = present[0].primary_metric, present[0].higher_is_better
         tasks: list[str] = []
         skipped: dict[str, str] = {}
         for result in present:
             tasks += [t for t in result.metrics if t not in tasks]
             skipped.update(result.skipped)
+        if wanted is not None:
+            tasks = [t for t in wanted if t in tasks]
+            skipped = {t: r for t, r in skipped.items() if t in wanted}
         values: dict[str, dict[str, float | None]] = {}
         errors: dict[str, dict[str, float | None]] = {}
         for task in tasks:
@@ -80,11 +113,14 @@ def build_tables(results: dict, order: list[str]) -> dict[str, SuiteTable]:
                 result = per_model[model].get(suite)
                 values[task][model] = result.metrics.get(task, {}).get(metric) if result else None
                 errors[task][model] = result.stderr.get(task, {}).get(metric) if result else None
-        values[AVERAGE] = {
-            m: per_model[m][suite].average if suite in per_model[m] else None for m in order
-        }
+        if wanted is None:
+            values[AVERAGE] = {
+                m: per_model[m][suite].average if suite in per_model[m] else None for m in order
+            }
+        else:
+            values[AVERAGE] = {m: _mean(values[t][m] for t in tasks) for m in order}
         errors[AVERAGE] = {m: None for m in order}
-        tables[suite] = SuiteTable(suite, metric, higher, list(order), values, errors, skipped)
+        tables[name] = SuiteTable(name, metric, higher, list(order), values, errors, skipped)
     return tables
 
 
@@ -106,46 +142,70 @@ def _gain(fused: float | None, other: float | None, higher: bool, metric: str) -
     return f"{diff * scale:+.{digits}f}"
 
 
-def markdown_table(table: SuiteTable, fused: str, baseline: str, sources: list[str]) -> str:
-    """One suite as a markdown table; the best value of each row is bold."""
+def markdown_table(
+    table: SuiteTable,
+    fused: str,
+    baseline: str,
+    sources: list[str],
+    pairs: list[str] = (),
+    joint: str | None = None,
+) -> str:
+    """One suite as a markdown table; the best value of each row is bold. Gains of the fused
+    model over the baseline, the best source and, when present, the best pairwise model and
+    the joint one."""
     direction = "higher is better" if table.higher_is_better else "lower is better"
     unit = " ×100" if table.metric in PERCENT_METRICS else ""
+    gains = ["fused − CLM", "fused − best source"]
+    gains += ["fused − best pair"] if pairs else []
+    gains += ["fused − joint"] if joint else []
     lines = [
         f"### {table.suite}: {table.metric}{unit} ({direction})",
         "",
-        "| Task | " + " | ".join(table.models) + " | fused − CLM | fused − best source |",
-        "| --- |" + " ---: |" * (len(table.models) + 2),
+        "| Task | " + " | ".join(table.models + gains) + " |",
+        "| --- |" + " ---: |" * (len(table.models) + len(gains)),
     ]
     pick = max if table.higher_is_better else min
+
+    def best_of(by_model: dict, models) -> float | None:
+        known = [by_model[m] for m in models if by_model.get(m) is not None]
+        return pick(known) if known else None
+
     for row, by_model in table.values.items():
-        known = [v for v in by_model.values() if v is not None]
-        best = pick(known) if known else None
+        best = best_of(by_model, table.models)
         cells = []
         for model in table.models:
             text = _fmt(by_model[model], table.metric, table.stderr[row][model])
             cells.append(f"**{text}**" if best is not None and by_model[model] == best else text)
-        source_values = [by_model[s] for s in sources if by_model.get(s) is not None]
-        best_source = pick(source_values) if source_values else None
-        name = f"**{row}**" if row == AVERAGE else row
+        others = [by_model.get(baseline), best_of(by_model, sources)]
+        others += [best_of(by_model, pairs)] if pairs else []
+        others += [by_model.get(joint)] if joint else []
         fused_value = by_model.get(fused)
-        vs_baseline = _gain(
-            fused_value, by_model.get(baseline), table.higher_is_better, table.metric
-        )
-        vs_source = _gain(fused_value, best_source, table.higher_is_better, table.metric)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {vs_baseline} | {vs_source} |")
+        cells += [_gain(fused_value, o, table.higher_is_better, table.metric) for o in others]
+        name = f"**{row}**" if row == AVERAGE else row
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for task, reason in table.skipped.items():
         lines.append(f"\n_{task} skipped: {reason}_")
     return "\n".join(lines) + "\n"
 
 
-def _colors(models: list[str], fused: str, baseline: str) -> dict[str, str]:
+def _colors(
+    models: list[str], fused: str, baseline: str, pairs=(), joint: str | None = None
+) -> dict[str, str]:
+    """Red the fused model, orange the baseline, purple the joint one, greens the pairwise
+    ones, blues the sources."""
     source_colors = ["#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#c6dbef"]
-    colors, i = {}, 0
+    pair_colors = ["#a1d99b", "#74c476", "#41ab5d", "#238b45", "#006d2c", "#c7e9c0"]
+    colors, i, k = {}, 0, 0
     for model in models:
         if model == fused:
             colors[model] = "#d62728"
         elif model == baseline:
             colors[model] = "#ff7f0e"
+        elif model == joint:
+            colors[model] = "#9467bd"
+        elif model in pairs:
+            colors[model] = pair_colors[k % len(pair_colors)]
+            k += 1
         else:
             colors[model] = source_colors[i % len(source_colors)]
             i += 1
@@ -156,11 +216,10 @@ def _short(task: str) -> str:
     return task.replace("bbh_cot_fewshot_", "").replace("fusellm_local_", "")
 
 
-def _draw_suite(ax, table: SuiteTable, fused: str, baseline: str, horizontal: bool) -> None:
+def _draw_suite(ax, table: SuiteTable, colors: dict[str, str], fused: str, horizontal: bool):
     rows = list(table.values)
     width = 0.8 / len(table.models)
     scale = 100.0 if table.metric in PERCENT_METRICS else 1.0
-    colors = _colors(table.models, fused, baseline)
     draw = ax.barh if horizontal else ax.bar
     for k, model in enumerate(table.models):
         positions = [i - 0.4 + width * (k + 0.5) for i in range(len(rows))]
@@ -197,7 +256,15 @@ def _draw_suite(ax, table: SuiteTable, fused: str, baseline: str, horizontal: bo
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
 
 
-def bar_chart(tables: dict[str, SuiteTable], fused: str, baseline: str, crowded: int = 8):
+def bar_chart(
+    tables: dict[str, SuiteTable],
+    fused: str,
+    baseline: str,
+    crowded: int = 8,
+    *,
+    pairs=(),
+    joint: str | None = None,
+):
     """Grouped bars per task and the suite average, one colour per model, the fused one in red
     with a black edge; suites with more than `crowded` rows (BBH) get horizontal bars."""
     import matplotlib
@@ -218,7 +285,8 @@ def bar_chart(tables: dict[str, SuiteTable], fused: str, baseline: str, crowded:
         squeeze=False,
     )
     for ax, table, flat in zip(axes[:, 0], tables.values(), horizontal):
-        _draw_suite(ax, table, fused, baseline, flat)
+        colors = _colors(table.models, fused, baseline, pairs, joint)
+        _draw_suite(ax, table, colors, fused, flat)
     fig.tight_layout()
     return fig
 
@@ -238,35 +306,51 @@ def compare(
     baseline: str,
     sources: list[str],
     output_dir: str | Path,
+    *,
+    pairs: list[str] = (),
+    joint: str | None = None,
 ) -> Comparison:
     """Write comparison.md and comparison.png for the fused model vs sources and baseline.
 
     results: model label -> SuiteResult (or its dict), or -> {suite: SuiteResult} for several
-    suites. Every named model must be present; columns go sources, baseline, fused.
+    suites. Every named model must be present; columns go sources, baseline, the joint model,
+    the pairwise ones (`pairs`, whose merge is the fused model), fused.
     """
     import matplotlib.pyplot as plt
 
-    order = list(sources) + [baseline, fused]
+    pairs = list(pairs)
+    order = list(sources) + [baseline] + ([joint] if joint else []) + pairs + [fused]
     missing = [m for m in order if m not in results]
     if missing:
         raise KeyError(
             f"no results for {', '.join(missing)}; results has {', '.join(results) or 'nothing'}"
         )
     if len(set(order)) != len(order):
-        raise ValueError(f"fused, baseline and sources must be distinct models, got {order}")
+        raise ValueError(
+            f"fused, baseline, joint, pairs and sources must be distinct models, got {order}"
+        )
     tables = build_tables(results, order)
+    roles = f"Fused: **{fused}**"
+    if pairs:
+        roles += f" (the merge of the pairwise models {', '.join(pairs)})"
+    roles += f"; CLM baseline: **{baseline}**; "
+    if joint:
+        roles += f"jointly fused: **{joint}**; "
     header = (
-        f"# FuseLLM comparison\n\nFused: **{fused}**; CLM baseline: **{baseline}**; "
-        f"sources: {', '.join(sources)}. Values ± standard error; gains are signed so that "
-        "positive means the fused model is better.\n"
+        f"# FuseLLM comparison\n\n{roles}sources: {', '.join(sources)}. Values ± standard "
+        "error; gains are signed so that positive means the fused model is better.\n"
     )
-    body = "\n".join(markdown_table(t, fused, baseline, sources) for t in tables.values())
+    body = "\n".join(
+        markdown_table(t, fused, baseline, sources, pairs, joint) for t in tables.values()
+    )
     markdown = header + "\n" + body
     output_dir = Path(output_dir)
     table_path = write_text_atomic(output_dir / "comparison.md", markdown)
-    fig = bar_chart(tables, fused, baseline)
+    fig = bar_chart(tables, fused, baseline, pairs=pairs, joint=joint)
     try:
         chart_path = write_bytes_atomic(output_dir / "comparison.png", _png(fig))
     finally:
         plt.close(fig)
-    return Comparison(fused, baseline, list(sources), tables, markdown, table_path, chart_path)
+    return Comparison(
+        fused, baseline, list(sources), tables, markdown, table_path, chart_path, pairs, joint
+    )

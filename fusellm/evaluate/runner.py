@@ -1,9 +1,10 @@
 """Run one suite on one model through lm-eval's Python API and keep what MLflow should store.
 
-Order matters: the suite and its data are resolved first, so a missing file or an offline Hub is
-reported before any model is loaded. The output folder is built under a temporary name and
-renamed when complete: results.json (our summary), lm_eval_results.json (lm-eval's own report)
-and samples/<task>.jsonl (lm-eval's per-sample logs).
+Order matters: the suite and its data are resolved first, so a missing file, an offline Hub or
+a missing chat template is reported before any model is loaded. The output folder is built
+under a temporary name and renamed when complete: results.json (our summary),
+lm_eval_results.json (lm-eval's own report), samples/<task>.jsonl (lm-eval's per-sample logs)
+and tasks/ (task configurations made for this run, e.g. a new `local` domain).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import yaml
 
 from fusellm.evaluate.data import EvalDataSource, offline_if
 from fusellm.evaluate.results import SuiteResult, parse_lm_eval
-from fusellm.evaluate.suites import resolve
+from fusellm.evaluate.suites import CUSTOM, CustomTasks, resolve
 from fusellm.io.files import write_text_atomic
 
 
@@ -60,6 +61,21 @@ def _document_lm_class():
 
 class BackendUnavailable(RuntimeError):
     """The evaluation backend asked for cannot run here: says what is missing."""
+
+
+class ChatTemplateMissing(ValueError):
+    """Prompts are to be rendered with the model's chat template, and the model has none."""
+
+
+def require_chat_template(tokenizer, model: str) -> None:
+    """Raise, naming `model`, unless its tokenizer has a chat template (lm-eval would fail
+    on the first prompt, after loading the model)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateMissing(
+            f"evaluation.chat_template: {model} has no chat template (its tokenizer sets none: "
+            "no chat_template in tokenizer_config.json, no chat_template.jinja); evaluate "
+            "without chat_template, or give the model a template"
+        )
 
 
 def _vllm_lm(folder: Path, tokenizer, frame, batch_size, trust_remote_code):
@@ -153,6 +169,21 @@ def _write_samples(folder: Path, samples: dict) -> dict[str, int]:
     return counts
 
 
+def entry_metrics(entries: dict[str, list[str]], higher_is_better: dict) -> dict[str, dict]:
+    """Each named task or group of `custom`: its leaf tasks and the metric it is read by (the
+    first its first task reports, as lm-eval orders them), with its direction."""
+    out = {}
+    for name, tasks in entries.items():
+        directions = next((higher_is_better[t] for t in tasks if higher_is_better.get(t)), {})
+        metric = next(iter(directions), None)
+        out[name] = {
+            "tasks": tasks,
+            "metric": metric,
+            "higher_is_better": directions.get(metric) is not False,
+        }
+    return out
+
+
 def run_suite(
     model,
     suite: str,
@@ -171,21 +202,33 @@ def run_suite(
     label: str | None = None,
     frame=None,
     backend: str = "hf",
+    chat_template: bool = False,
+    custom: CustomTasks | None = None,
 ) -> SuiteResult:
     """Evaluate `model` (a model folder or an in-memory HF causal LM) on `suite`.
 
     data_dir: local JSONL files in the Hub layout (shortcut for EvalDataSource(data_dir=...));
     tasks: run only these leaf tasks of the suite; limit: at most this many documents per task;
     max_gen_toks: cap generation length (chain-of-thought and code tasks generate long answers);
-    frame: the model's document frame (`load_lm`); backend: hf or vllm (`load_lm`).
+    frame: the model's document frame (`load_lm`); backend: hf or vllm (`load_lm`);
+    chat_template: render prompts with the model's chat template (lm-eval's
+    `apply_chat_template`; few-shot examples as turns); custom: what the `custom` suite runs.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if data is None and data_dir is not None:
         data = EvalDataSource(data_dir=Path(data_dir))
-    resolved = resolve(suite, data, tasks)  # every input checked before the model is loaded
+    resolved = resolve(suite, data, tasks, custom)  # every input checked before the model loads
     output_dir = Path(output_dir)
+    if chat_template:
+        if tokenizer is None and isinstance(model, (str, os.PathLike)):
+            from transformers import AutoTokenizer
+
+            folder = _model_folder(Path(model))
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        if tokenizer is not None:
+            require_chat_template(tokenizer, label or _model_label(model))
     lm = load_lm(
         model,
         tokenizer=tokenizer,
@@ -203,9 +246,13 @@ def run_suite(
         # its tasks); the file also records which task configuration and data gave the scores.
         spec_file = staging / "suite_config.yaml"
         spec_file.write_text(yaml.safe_dump(resolved.spec, sort_keys=False))
+        for name, config in resolved.task_configs.items():  # e.g. a local domain of the data
+            made = staging / "tasks" / f"{name}.yaml"
+            made.parent.mkdir(exist_ok=True)
+            made.write_text(yaml.safe_dump(config, sort_keys=False))
         manager = TaskManager(
-            include_path=[str(p) for p in resolved.suite.include_paths] + [str(staging)],
-            include_defaults=False,
+            include_path=[str(p) for p in resolved.include_paths] + [str(staging)],
+            include_defaults=resolved.include_defaults,
         )
         with offline_if(data is not None and data.source == "cache"):
             out = lm_eval.simple_evaluate(
@@ -217,13 +264,16 @@ def run_suite(
                 bootstrap_iters=bootstrap_iters,
                 log_samples=True,
                 gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+                apply_chat_template=chat_template,
             )
         metrics, stderr = parse_lm_eval(out["results"], resolved.tasks)
-        extra = {}
+        extra: dict = {"chat_template": True} if chat_template else {}
         if suite == "multipl-e":
             from fusellm.evaluate.sandbox import isolation
 
             extra["sandbox"] = isolation()
+        if suite == CUSTOM:
+            extra["entries"] = entry_metrics(resolved.entries, out.get("higher_is_better", {}))
         counts = _write_samples(staging / "samples", out.get("samples", {}))
         result = SuiteResult(
             suite=suite,
