@@ -184,7 +184,26 @@ class EvaluationConfig(_Section):
         min_length=1,
         title="Suites",
         description="lm-eval suites to run (fusellm/evaluate/suites.yaml): bbh, commonsense, "
-        "multipl-e, local (bits per byte on held-out text in data_dir)",
+        "multipl-e, local (bits per byte on held-out text in data_dir, a task per domain "
+        "folder), custom (the tasks named in `tasks`)",
+    )
+    tasks: list[str] = Field(
+        [],
+        title="Custom tasks",
+        description="lm-eval task, group or tag names the suite `custom` runs: any of lm-eval's, "
+        "or one defined in task_dir; each is its own table in the comparison",
+    )
+    task_dir: Path | None = Field(
+        None,
+        title="Task folder",
+        description="a folder of the user's own lm-eval task YAMLs (and their data files), "
+        "indexed beside lm-eval's for `tasks`; its content is part of the evaluation key",
+    )
+    chat_template: bool = Field(
+        False,
+        title="Chat template",
+        description="render prompts with each model's chat template (lm-eval's "
+        "apply_chat_template, few-shot examples as turns); every evaluated model needs one",
     )
     data_dir: Path | None = Field(
         None,
@@ -230,6 +249,30 @@ class EvaluationConfig(_Section):
         if len(set(suites)) != len(suites):
             raise ValueError(f"suites listed twice: {suites}")
         return suites
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks_once(cls, tasks: list[str]) -> list[str]:
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"tasks listed twice: {tasks}")
+        return tasks
+
+    @model_validator(mode="after")
+    def _custom_has_tasks(self) -> EvaluationConfig:
+        """`custom` runs `tasks`: one without the other is a mistake (names are checked
+        against lm-eval's index when the evaluation is planned)."""
+        from fusellm.evaluate.suites import CUSTOM
+
+        if self.tasks and CUSTOM not in self.suites:
+            raise ValueError(
+                f"tasks {self.tasks} run as the suite {CUSTOM!r}: add it to suites "
+                f"(e.g. {self.suites + [CUSTOM]})"
+            )
+        if CUSTOM in self.suites and not self.tasks:
+            raise ValueError(f"the suite {CUSTOM!r} runs `tasks`, and it names none")
+        if self.task_dir is not None and not self.tasks:
+            raise ValueError("task_dir: name the tasks to run from it in `tasks`")
+        return self
 
 
 class TrackingConfig(_Section):
