@@ -147,3 +147,104 @@ def test_suite_result_round_trip(tmp_path):
     loaded = SuiteResult.load(path)
     assert loaded == result
     assert loaded.average == pytest.approx(0.75)
+
+
+def _pairwise_results():
+    """A pairwise fusion's results: sources, the CLM baseline, the pairwise models, their merge
+    (fused) and a jointly fused model, on `local` and on `custom` with two named tasks."""
+    bpb = {"src-a": 2.0, "src-b": 1.9, "baseline": 1.8, "joint": 1.7}
+    bpb |= {"pair-src-a": 1.65, "pair-src-b": 1.75, "fused": 1.6}
+    acc = {"src-a": 0.50, "src-b": 0.55, "baseline": 0.52, "joint": 0.58}
+    acc |= {"pair-src-a": 0.60, "pair-src-b": 0.57, "fused": 0.62}
+    entries = {
+        "my_qa": {"tasks": ["my_qa"], "metric": "acc", "higher_is_better": True},
+        "my_text": {
+            "tasks": ["my_text_a", "my_text_b"],
+            "metric": "bits_per_byte",
+            "higher_is_better": False,
+        },
+    }
+    out = {}
+    for model in bpb:
+        custom = SuiteResult(
+            suite="custom",
+            model=model,
+            primary_metric="acc",
+            higher_is_better=True,
+            metrics={
+                "my_qa": {"acc": acc[model], "acc_norm": 0.1},
+                "my_text_a": {"bits_per_byte": bpb[model] + 0.1},
+                "my_text_b": {"bits_per_byte": bpb[model] - 0.1},
+            },
+            extra={"entries": entries},
+        )
+        local = _result(model, "local", "bits_per_byte", {"prose": bpb[model]}, higher=False)
+        out[model] = {"local": local, "custom": custom}
+    return out
+
+
+def test_pairwise_and_joint_beside_the_fused_model(tmp_path):
+    results = _pairwise_results()
+    pairs = ["pair-src-a", "pair-src-b"]
+    comp = compare(
+        results, "fused", "baseline", ["src-a", "src-b"], tmp_path, pairs=pairs, joint="joint"
+    )
+    lines = comp.markdown.splitlines()
+    assert "merge of the pairwise models pair-src-a, pair-src-b" in comp.markdown
+    assert "jointly fused: **joint**" in comp.markdown
+    header = next(line for line in lines if line.startswith("| Task"))
+    assert header == (
+        "| Task | src-a | src-b | baseline | joint | pair-src-a | pair-src-b | fused "
+        "| fused − CLM | fused − best source | fused − best pair | fused − joint |"
+    )
+    # local, lower is better: 1.6 vs CLM 1.8, best source 1.9, best pair 1.65, joint 1.7
+    prose = next(line for line in lines if line.startswith("| prose"))
+    assert prose.endswith("| **1.6000 ± 0.0100** | +0.2000 | +0.3000 | +0.0500 | +0.1000 |")
+    assert list(comp.tables["local"].models) == [
+        "src-a", "src-b", "baseline", "joint", "pair-src-a", "pair-src-b", "fused"
+    ]  # fmt: skip
+
+
+def test_custom_suite_is_a_table_per_named_task(tmp_path):
+    results = _pairwise_results()
+    comp = compare(results, "fused", "baseline", ["src-a", "src-b"], tmp_path)
+    assert list(comp.tables) == ["local", "custom/my_qa", "custom/my_text"]
+    qa, text = comp.tables["custom/my_qa"], comp.tables["custom/my_text"]
+    assert (qa.metric, qa.higher_is_better, list(qa.values)) == ("acc", True, ["my_qa", "Average"])
+    assert (text.metric, text.higher_is_better) == ("bits_per_byte", False)
+    assert list(text.values) == ["my_text_a", "my_text_b", "Average"]
+    assert text.values["Average"]["fused"] == pytest.approx(1.6)  # mean over the entry's tasks
+    assert "### custom/my_qa: acc ×100 (higher is better)" in comp.markdown
+    assert "### custom/my_text: bits_per_byte (lower is better)" in comp.markdown
+    # without pairs or joint the table keeps its columns
+    header = next(line for line in comp.markdown.splitlines() if line.startswith("| Task"))
+    assert header.endswith("| fused | fused − CLM | fused − best source |")
+    import matplotlib.pyplot as plt
+
+    fig = bar_chart(comp.tables, "fused", "baseline")
+    assert [ax.get_title() for ax in fig.axes] == ["local", "custom/my_qa", "custom/my_text"]
+    plt.close(fig)
+
+
+def test_compare_unit_finds_pairs_and_joint(tmp_path):
+    """The stage puts the pairwise models and a joint one beside the fused model when the
+    results hold them, and keys the comparison on those roles."""
+    from fusellm.stages.base import Artifact
+    from fusellm.stages.evaluation import compare_key, compare_unit, comparison_roles
+
+    artifacts = {}
+    for label, suites in _pairwise_results().items():
+        for suite, result in suites.items():
+            folder = tmp_path / "evaluate" / f"{label}-{suite}"
+            result.save(folder / "result" / "results.json")
+            artifacts.setdefault(label, {})[suite] = Artifact("evaluate", f"k-{label}", folder)
+    sources = ["src-a", "src-b"]
+    assert comparison_roles(artifacts, sources) == (["pair-src-a", "pair-src-b"], "joint")
+    unit = compare_unit(artifacts, "fused", "baseline", sources, tmp_path)
+    done = unit.run()
+    assert done.info["pairs"] == ["pair-src-a", "pair-src-b"] and done.info["joint"] == "joint"
+    text = (done.path / "comparison.md").read_text()
+    assert "| fused − best pair | fused − joint |" in text
+    plain = {k: v for k, v in artifacts.items() if not k.startswith("pair-") and k != "joint"}
+    assert comparison_roles(plain, sources) == ([], None)
+    assert compare_key(plain, "fused", "baseline", sources) != unit.key

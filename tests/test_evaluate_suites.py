@@ -16,7 +16,7 @@ DATA = Path(__file__).parent / "data" / "eval"
 
 
 def test_suites_declared():
-    assert set(suites()) == {"bbh", "commonsense", "multipl-e", "local"}
+    assert set(suites()) == {"bbh", "commonsense", "multipl-e", "local", "custom"}
     with pytest.raises(ValueError, match="expected one of"):
         get_suite("mmlu")
 

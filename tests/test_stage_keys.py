@@ -133,6 +133,10 @@ NOT_CASES = {
     "workdir": "a new work folder starts empty",
     "fusion.mode": "changes which fuse and train units exist: tests/test_pairwise.py",
     "planning.parameters": "a mapping of size hints for `fusellm plan`; read by no stage",
+    "evaluation.tasks": "needs custom in evaluation.suites: test_custom_tasks_key_their_suite",
+    "evaluation.task_dir": "needs evaluation.tasks: test_custom_tasks_key_their_suite",
+    "evaluation.chat_template": "the tiny models have no chat template, an error when planned; "
+    "the key: tests/test_evaluate_custom.py",
 }
 # Keys of the merge stage, which runs with pairwise fusion, not in this fixture; each one's
 # effect on that key is in tests/test_merge.py (test_the_key_follows_the_merge_and_nothing_else).
@@ -228,6 +232,31 @@ def test_evaluation_data_counts_by_content(fused, tmp_path):
     docs.write_text(docs.read_text() + '{"text": "one more held-out document"}\n')
     changed = parse_fusion_config(_with(data, "evaluation.data_dir", str(copy)))
     assert _pending(changed) == EVERY_EVAL | {"compare", "register"}
+
+
+def test_custom_tasks_key_their_suite(fused, tmp_path):
+    """The user's tasks (suite custom) are evaluated on every model, and by the content of
+    their folder; nothing else recomputes (local stays the primary suite)."""
+    data, _, _ = fused
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    docs = EVAL_DATA / "fusellm" / "local" / "docs" / "test.jsonl"
+    (folder / "prose.yaml").write_text(
+        "task: my_prose\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {docs}\n"
+        "output_type: loglikelihood_rolling\ntest_split: test\n"
+        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+    )
+    data = _with(data, "evaluation.suites", ["local", "custom"])
+    data = _with(data, "evaluation.tasks", ["my_prose"])
+    data = _with(data, "evaluation.task_dir", str(folder))
+    every_custom = {f"evaluate-{m}-custom" for m in ("fused", "baseline", "llama", "neox")}
+    assert _pending(parse_fusion_config(data)) == every_custom | {"compare"}
+    before = pipeline.plan(parse_fusion_config(data)).pending()
+    (folder / "prose.yaml").write_text((folder / "prose.yaml").read_text() + "metadata: {}\n")
+    after = pipeline.plan(parse_fusion_config(data)).pending()
+    assert {u.label for u in after} == {u.label for u in before}
+    assert {u.key for u in after}.isdisjoint(u.key for u in before)
 
 
 def test_alignment_method_reaches_training_in_a_real_run(fused):
