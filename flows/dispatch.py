@@ -2,9 +2,10 @@
 
 The `fuse` flow runs `prepare` on its pool, then extraction as parts of (model, group of
 shards), one run of the `extract-part` deployment each, all at once: any worker of the GPU pool
-takes the next part, so W GPU workers extract W parts side by side. Then `align-fuse` (CPU pool)
-and `train` (GPU pool) as one run each (with `training.nodes` N > 1: N `train-node` runs per
-training, one per machine, together), then evaluation as one `evaluate-part` run per (model,
+takes the next part, so W GPU workers extract W parts side by side. Then `align-fuse` (CPU pool),
+the trainings as `train-part` runs side by side (the fused model or, pairwise, one per pair, and
+the CLM baseline; with `training.nodes` N > 1: N `train-node` runs per training, one per
+machine, together), then, pairwise, `train` (GPU pool), which finds them done and merges, then evaluation as one `evaluate-part` run per (model,
 suite) on the GPU pool. Every part writes its stage folders into the shared work folder; `fuse`
 then walks every stage itself, finds them done, and compares and registers. All these runs
 appear as children of the `fuse` run in the Prefect UI.
@@ -31,6 +32,7 @@ from fusellm.stages import pipeline
 EXTRACT_PART = "extract-part/extract-part"
 EVALUATE_PART = "evaluate-part/evaluate-part"
 TRAIN_NODE = "train-node/train-node"
+TRAIN_PART = "train-part/train-part"
 POLL_S = 3.0  # how often the states of the parts in flight are read
 
 
@@ -74,6 +76,16 @@ def extraction_parts(config: FusionConfig) -> list[dict]:
         {"model": model, "shards": shards[i : i + size]}
         for model, shards in per_model.items()
         for i in range(0, len(shards), size)
+    ]
+
+
+def training_parts(config: FusionConfig) -> list[dict]:
+    """The trainings still to do: {"model": "fused" | "baseline" | "pair-<source>"} each
+    (the fused data must exist)."""
+    return [
+        {"model": unit.spec["model"]}
+        for unit in pipeline.plan(config, until="train").pending()
+        if unit.stage == "train"
     ]
 
 
@@ -165,11 +177,14 @@ def run_stage_deployments(config: FusionConfig) -> list[str]:
     parts = run_parts(EXTRACT_PART, config, extraction_parts(config))
     ids += [str(r.id) for p in parts for r in p.runs]
     ids.append(run_stage("align-fuse", parameters))
-    if config.training.nodes == 1:
+    if config.training.nodes == 1:  # the trainings side by side, one GPU worker each
+        parts = run_parts(TRAIN_PART, config, training_parts(config))
+        ids += [str(r.id) for p in parts for r in p.runs]
+    else:
+        for nodes in training_nodes(config):
+            ids += [str(r.id) for p in run_parts(TRAIN_NODE, config, nodes) for r in p.runs]
+    if config.fusion.mode == "pairwise":  # the trainings are done: the merge, on a GPU worker
         ids.append(run_stage("train", parameters))
-        return ids
-    for nodes in training_nodes(config):
-        ids += [str(r.id) for p in run_parts(TRAIN_NODE, config, nodes) for r in p.runs]
     return ids
 
 

@@ -1,4 +1,4 @@
-"""The deployments `fusellm serve` serves: the same nine as infra/prefect.yaml, run in place.
+"""The deployments `fusellm serve` serves: the same ten as infra/prefect.yaml, run in place.
 
 Served (Prefect's `serve`), not sent to a work pool: the flow runs start as subprocesses of this
 command, with its environment (the data folder, the Prefect server, the MLflow store), so "Run"
@@ -18,7 +18,7 @@ REFUSION_CRON = "0 3 * * 1"  # Mondays 03:00 UTC, as in infra/prefect.yaml
 def deployments(config_file: Path, config: FusionConfig) -> list:
     """`fuse`, `prepare`, `extract`, `align-fuse`, `train` with `config` as the form's default,
     `refusion` on its weekly schedule reading `config_file`, and the parts `fuse` fans out
-    (`extract-part`, `evaluate-part`, `train-node`), which take their parameters from it."""
+    (`extract-part`, `train-part`, `evaluate-part`, `train-node`), which take their parameters from it."""
     from prefect.deployments.runner import EntrypointType
 
     from fusellm_flows import stages, units
@@ -55,6 +55,7 @@ def deployments(config_file: Path, config: FusionConfig) -> list:
         )
     for name, part_flow in (
         ("extract-part", units.extract_part),
+        ("train-part", units.train_part),
         ("evaluate-part", units.evaluate_part),
         ("train-node", stages.train_node),
     ):

@@ -1,8 +1,8 @@
 """The units of fan-out work, each a flow that any worker of the GPU pool can take.
 
-With `execution: deployments`, `fuse` cuts extraction into parts of (model, group of shards)
-and evaluation into (model, suite), and starts one run of `extract-part` or `evaluate-part` per
-part (`fusellm_flows.dispatch`). A part walks the stages before it, which it finds done in the
+With `execution: deployments`, `fuse` cuts extraction into parts of (model, group of shards),
+training into its independent trainings and evaluation into (model, suite), and starts one run
+of `extract-part`, `train-part` or `evaluate-part` per part (`fusellm_flows.dispatch`). A part walks the stages before it, which it finds done in the
 shared work folder, and builds its own stage folders there: a part's folders are its result.
 Parts log no MLflow runs of their own; `fuse` logs the numbers when it walks the finished stages.
 """
@@ -22,7 +22,7 @@ def _part_name() -> str:
     from prefect import runtime
 
     p = runtime.flow_run.parameters
-    what = p.get("shards") if "shards" in p else p.get("suite")
+    what = p.get("shards") if "shards" in p else p.get("suite", "train")
     if isinstance(what, list):
         what = "shards-" + "-".join(str(s) for s in what)
     return f"{p.get('model')}-{what}"
@@ -44,3 +44,12 @@ def evaluate_part(config: FusionConfig, model: str, suite: str) -> dict:
     ex = PrefectExecutor(NullTracker())
     result = pipeline.evaluate_part(config, ex, model, suite)
     return {"folder": str(result.path), "average": result.info.get("average")}
+
+
+@flow(name="train-part", flow_run_name=_part_name)
+def train_part(config: FusionConfig, model: str) -> dict:
+    """One training: the fused model (pairwise: one pair's model) or the CLM baseline."""
+    apply_tracking_defaults()
+    ex = PrefectExecutor(NullTracker())
+    trained = pipeline.train_part(config, ex, model)
+    return {"folder": str(trained.path), "steps": trained.info.get("steps")}

@@ -73,10 +73,21 @@ def test_parts_cover_every_shard_once_and_build_what_one_walk_builds(inputs):
         assert _files(store.path / "store") == _files(reference.stores[identity].path / "store")
 
 
-def test_evaluation_parts_are_model_by_suite_and_score_as_in_process(inputs):
+def test_trainings_and_evaluations_are_parts_built_as_in_process(inputs):
     root, models, corpus = inputs
     config = _config(root, models, corpus, "evaluated")
-    pipeline.walk(config, Executor(), until="train")
+    pipeline.walk(config, Executor(), until="align_fuse")
+    assert dispatch.training_parts(config) == [{"model": "fused"}, {"model": "baseline"}]
+    trained = pipeline.train_part(config, Executor(), "baseline")
+    assert trained.info["lam"] == 1.0 and not trained.reused
+    assert dispatch.training_parts(config) == [{"model": "fused"}]
+    with pytest.raises(UnknownPart, match="no training 'pair-neox' here"):
+        pipeline.train_part(config, Executor(), "pair-neox")
+    pipeline.train_part(config, Executor(), "fused")
+    ex = Executor()
+    pipeline.walk(config, ex, until="train")
+    assert set(ex.tally.states["train"]) == {"Cached"}
+
     parts = dispatch.evaluation_parts(config)
     assert sorted((p["model"], p["suite"]) for p in parts) == [
         ("baseline", "local"),

@@ -389,12 +389,13 @@ def test_refusion_deployed_and_run_by_a_process_worker(servers, in_process, depl
         "align-fuse",
         "train",
         "extract-part",
+        "train-part",
         "evaluate-part",
         "train-node",
     }
     pools = {d.name: d.work_pool_name for d in deployments}
     assert {n for n, p in pools.items() if p == "fusellm-gpu"} == {
-        "extract", "train", "extract-part", "evaluate-part", "train-node"
+        "extract", "train", "extract-part", "train-part", "evaluate-part", "train-node"
     }  # fmt: skip
     worker_log = (root / "worker-cpu.log").read_text()[-3000:]
     assert run.state.is_completed(), (run.state, worker_log)
@@ -507,7 +508,7 @@ def test_execution_deployments_fans_parts_out_over_the_gpu_workers(
     servers, s3_fusion, in_process, deployed
 ):
     """`execution: deployments`: extraction of 2 models x 6 shards as 6 parts spread over the
-    GPU workers; one worker SIGKILLed in the middle of a part: its run ends Crashed (no more
+    GPU workers, the two trainings as parts side by side; one worker SIGKILLed in the middle of a part: its run ends Crashed (no more
     heartbeats), the part runs again on another worker, and the fusion completes with stores
     byte-identical to the in-process run's, every unit built once; evaluation runs on the GPU
     pool as (model, suite) parts, children of `fuse`, with the in-process scores."""
@@ -536,9 +537,11 @@ def test_execution_deployments_fans_parts_out_over_the_gpu_workers(
         "prepare": "fusellm-cpu",
         "extract-part": "fusellm-gpu",
         "align-fuse": "fusellm-cpu",
-        "train": "fusellm-gpu",
+        "train-part": "fusellm-gpu",
         "evaluate-part": "fusellm-gpu",
     }
+    trainings = sorted(r.parameters["model"] for name, r in mine if name == "train-part")
+    assert trainings == ["baseline", "fused"]  # side by side, one worker each
     assert all(run.parent_task_run_id for _, run in mine)  # children of fuse
     parents = {t.flow_run_id for t in _task_runs(servers, [fuse_id])}
     assert {str(p) for p in parents} == {fuse_id}

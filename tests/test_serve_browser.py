@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 REPO = Path(__file__).resolve().parents[1]
 DEPLOYMENTS = {
     "fuse", "refusion", "prepare", "extract", "align-fuse", "train",
-    "extract-part", "evaluate-part", "train-node",
+    "extract-part", "train-part", "evaluate-part", "train-node",
 }  # fmt: skip
 SERVE_READY_S = 300  # sources, data, both servers' first start, on a busy 2-core machine
 RUN_DONE_MS = 300_000  # the tiny fusion, in a fresh flow-run process

@@ -40,8 +40,8 @@ from support import api_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(3600)]
 
-STAGES = ("prepare", "align-fuse", "train")
-PARTS = ("extract-part", "evaluate-part")  # extraction and evaluation fanned out (GPU pool)
+STAGES = ("prepare", "align-fuse")  # training: train-part runs (joint: no merge to do)
+PARTS = ("extract-part", "train-part", "evaluate-part")  # fanned out over the GPU pool
 WORK = "/data/fusellm"  # the shared work volume, in every container
 MODEL = "stack-fused"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -155,7 +155,6 @@ def test_fusion_runs_stage_by_stage_in_containers(stack, fusion_config):
     assert {n: r.work_pool_name for n, r in stages.items()} == {
         "prepare": "fusellm-cpu",
         "align-fuse": "fusellm-cpu",
-        "train": "fusellm-gpu",
     }
     assert {r.work_pool_name for _, r in parts} == {"fusellm-gpu"}
     children = [*stages.values(), *(r for _, r in parts)]

@@ -312,20 +312,38 @@ def train(f: Fusion, ex: Executor) -> None:
     Pairwise: one model per pair (`pair-<source>`), independent trainings, then the fused model
     is their merge onto the pivot (`merge` stage; with one pair, that pair's model)."""
     config = f.config
-    runs = {"fused": (f.fused_data, False, None)}
-    if config.fusion.mode == "pairwise":
-        runs = {f"pair-{name}": (data, False, name) for name, data in f.pairs.items()}
-    if config.evaluation.baseline:
-        runs["baseline"] = (f.stores[f.target.identity], True, None)
-    for label, (data, baseline, pair) in runs.items():
-        lam = 1.0 if baseline else config.training.lam
+    for label, unit in training_units(f).items():
+        lam = unit.spec.get("lam")
         with ex.tracker.stage(f"train_{label}", params={"lam": lam}):
-            unit = train_unit(f.target, data, f.pieces, config, baseline=baseline, pair=pair)
             f.trained[label] = ex.run(unit)
             for step, loss in enumerate(f.trained[label].info.get("losses", []), start=1):
                 ex.tracker.metrics({"loss": loss}, step=step, prefix=f"train/{label}")
     if config.fusion.mode == "pairwise":
         f.trained["fused"] = merge(f, ex, [f.trained[f"pair-{name}"] for name in f.pairs])
+
+
+def training_units(f: Fusion) -> dict[str, Unit]:
+    """Label -> the training unit: `fused` (joint) or `pair-<source>` (pairwise), and the
+    `baseline` when it is evaluated. Independent of each other: they may run side by side."""
+    config = f.config
+    runs = {"fused": (f.fused_data, False, None)}
+    if config.fusion.mode == "pairwise":
+        runs = {f"pair-{name}": (data, False, name) for name, data in f.pairs.items()}
+    if config.evaluation.baseline:
+        runs["baseline"] = (f.stores[f.target.identity], True, None)
+    return {
+        label: train_unit(f.target, data, f.pieces, config, baseline=baseline, pair=pair)
+        for label, (data, baseline, pair) in runs.items()
+    }
+
+
+def train_part(config: FusionConfig, ex: Executor, model: str) -> Artifact:
+    """One training of the fan-out (`fused`, `baseline` or `pair-<source>`), on one worker."""
+    f = walk(config, ex, until="align_fuse")
+    units = training_units(f)
+    if model not in units:
+        raise UnknownPart(f"training part: no training {model!r} here ({', '.join(units)})")
+    return ex.run(units[model])
 
 
 def merge(f: Fusion, ex: Executor, pairwise: list[Artifact]) -> Artifact:

@@ -151,9 +151,10 @@ def train_unit(
             "lam": training.lam,
         }
 
-    label = "train-baseline" if baseline else f"train-pair-{pair}" if pair else "train-fused"
+    name = "baseline" if baseline else f"pair-{pair}" if pair else "fused"
     inputs = (pieces.key,) if baseline else (data.key,)
-    return Unit("train", key, label, config.workdir, build, inputs=inputs)
+    spec = {"model": name, "lam": training.lam}
+    return Unit("train", key, f"train-{name}", config.workdir, build, inputs=inputs, spec=spec)
 
 
 def join_training(
