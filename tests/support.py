@@ -236,3 +236,20 @@ def tiny_texts(
     """`n` texts of random `words`, each of between `lengths[0]` and `lengths[1]` words."""
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(*lengths))) for _ in range(n)]
+
+
+def tiny_training_inputs(root: Path) -> Path:
+    """`root/model` (a tiny two-layer Llama on English words) and `root/data` (a synthetic fused
+    store for it with two sources): what the training tests train on. Returns `root`."""
+    from fusellm.testing.synthetic import synthetic_store
+    from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
+
+    texts = tiny_texts(48, seed=0, lengths=(5, 25), words=WORDS[:18])  # English words only
+    tok = train_tokenizer(texts, "spm", vocab_size=360)
+    save_tiny(
+        tiny_model("llama", tok, seed=1, hidden=32, layers=2, heads=4, max_positions=128),
+        tok,
+        root / "model",
+    )
+    synthetic_store(root / "data", tok, texts, top_k=4, sources=["llama-src", "mpt-src"])
+    return root

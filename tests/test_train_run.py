@@ -17,12 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import WORDS, free_port, tiny_texts
+from support import free_port, tiny_training_inputs
 
 from fusellm.data.store import open_topk
 from fusellm.method.loss import fusion_loss_parts
-from fusellm.testing.synthetic import synthetic_store
-from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.collator import collate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -87,15 +85,7 @@ def _launch(procs: int, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def fixture(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    texts = tiny_texts(48, seed=0, lengths=(5, 25), words=WORDS[:18])  # English words only
-    tok = train_tokenizer(texts, "spm", vocab_size=360)
-    save_tiny(
-        tiny_model("llama", tok, seed=1, hidden=32, layers=2, heads=4, max_positions=128),
-        tok,
-        root / "model",
-    )
-    synthetic_store(root / "data", tok, texts, top_k=4, sources=["llama-src", "mpt-src"])
+    root = tiny_training_inputs(tmp_path_factory.mktemp("train"))
     (root / "worker.py").write_text(WORKER)
     return root
 

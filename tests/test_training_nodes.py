@@ -24,12 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import WORDS, free_port, tiny_texts, wait_listening
+from support import free_port, tiny_training_inputs, wait_listening
 
 from fusellm.config import FusionConfigError, parse_fusion_config
 from fusellm.stages.base import StageError
-from fusellm.testing.synthetic import synthetic_store
-from fusellm.testing.tiny import save_tiny, tiny_model, train_tokenizer
 from fusellm.train.config import TrainConfig, TrainConfigError
 from fusellm.train.nodes import NodeLaunchError, node_command, run_node
 
@@ -94,15 +92,7 @@ def _env(**extra: str) -> dict:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """The tiny target, a fused store for it, and the node scripts."""
-    root = tmp_path_factory.mktemp("nodes")
-    texts = tiny_texts(48, seed=0, lengths=(5, 25), words=WORDS[:18])
-    tok = train_tokenizer(texts, "spm", vocab_size=360)
-    save_tiny(
-        tiny_model("llama", tok, seed=1, hidden=32, layers=2, heads=4, max_positions=128),
-        tok,
-        root / "model",
-    )
-    synthetic_store(root / "data", tok, texts, top_k=4, sources=["llama-src", "mpt-src"])
+    root = tiny_training_inputs(tmp_path_factory.mktemp("nodes"))
     (root / "node.py").write_text(NODE)
     (root / "lost.py").write_text(LOST)
     return root
