@@ -736,7 +736,8 @@ def _rebase(uri: str, base: Path) -> str:
 
 
 def rebase_paths(data: dict, base: Path) -> dict:
-    """`data` with relative local paths (models, corpus, workdir, evaluation data) under `base`."""
+    """`data` with relative local paths (models, corpus, workdir, evaluation data and task
+    folder) under `base`."""
     data = dict(data)
     for key in ("target", "corpus"):
         if isinstance(data.get(key), dict) and isinstance(data[key].get("uri"), str):
@@ -752,9 +753,11 @@ def rebase_paths(data: dict, base: Path) -> dict:
     if isinstance(data.get("workdir"), str) and not Path(data["workdir"]).is_absolute():
         data["workdir"] = str(base / data["workdir"])
     evaluation = data.get("evaluation")
-    data_dir = evaluation.get("data_dir") if isinstance(evaluation, dict) else None
-    if isinstance(data_dir, str) and not Path(data_dir).is_absolute():
-        data["evaluation"] = {**evaluation, "data_dir": str(base / evaluation["data_dir"])}
+    for field in ("data_dir", "task_dir"):  # the suites' data, the user's task YAMLs
+        folder = evaluation.get(field) if isinstance(evaluation, dict) else None
+        if isinstance(folder, str) and not Path(folder).is_absolute():
+            evaluation = {**evaluation, field: str(base / folder)}
+            data["evaluation"] = evaluation
     return data
 
 

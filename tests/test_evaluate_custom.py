@@ -374,3 +374,22 @@ def test_cli_runs_custom_tasks_with_a_template(tiny, chat_tokenizer, task_dir, t
     assert row["arguments"][0][0].endswith("ASSISTANT:")
     refused = CliRunner().invoke(app, [*args, "--model", str(plain)])
     assert refused.exit_code == 2 and "plain has no chat template" in refused.output
+
+
+def test_a_config_file_names_its_task_folder_relative_to_itself(task_dir, tmp_path):
+    """`fusellm validate`/`run` read `task_dir` beside the config, and the custom suite's
+    tasks are found there (no error for a valid config)."""
+    from fusellm.cli.validate import validate
+
+    data = fusion_dict({"llama": "m", "neox": "m"}, "corpus", Path("work"), "sqlite:///x.db")
+    data["evaluation"].update(
+        suites=["local", "custom"],
+        tasks=["my_qa"],
+        task_dir=task_dir.name,  # relative: beside the config file
+        data_dir=str(DATA),
+    )
+    path = task_dir.parent / "fusion.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config, found = validate(path)
+    assert config is not None and config.evaluation.task_dir == task_dir
+    assert not [e for e in found.errors if "evaluation" in e], found.errors

@@ -105,10 +105,12 @@ def check_evaluation_data(config, found: Findings) -> None:
         return
     from fusellm.evaluate.data import EvalDataSource
     from fusellm.evaluate.suites import resolve
+    from fusellm.stages.evaluation import custom_tasks
 
     for suite in config.evaluation.suites:
+        custom = custom_tasks(config) if suite == "custom" else None
         try:
-            resolve(suite, EvalDataSource(data_dir=data_dir))
+            resolve(suite, EvalDataSource(data_dir=data_dir), custom=custom)
         except (ValueError, KeyError, OSError) as err:
             found.error(f"evaluation.suites: {suite}", str(err))
 
