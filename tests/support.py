@@ -253,3 +253,18 @@ def tiny_training_inputs(root: Path) -> Path:
     )
     synthetic_store(root / "data", tok, texts, top_k=4, sources=["llama-src", "mpt-src"])
     return root
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def training_env(**extra: str) -> dict[str, str]:
+    """This environment for a training process: no launcher variables inherited (an in-process
+    training leaves them behind), the repository's shared extension cache, one thread; then
+    `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env["TORCH_EXTENSIONS_DIR"] = str(
+        Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"
+    )
+    env["OMP_NUM_THREADS"] = "1"
+    return {**env, **extra}

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from fusion_fixtures import build_models, champion_texts, fusion_dict, write_corpus
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from support import free_port, start_server, stop_server, wait_http
+from support import LAUNCHER_VARIABLES, free_port, start_server, stop_server, wait_http
 
 from fusellm.settings import LOCALHOST, TELEMETRY_OFF
 
@@ -38,13 +38,11 @@ MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 GPU_WORKERS = 3
 
 
-# What an in-process training leaves in this process's environment (a one-process group):
-# a worker started from here must not hand it to its flow runs, which would then take
-# themselves for ranks of a group (lm-eval's Accelerator joins it, and parts collide on its port).
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
 def _start(argv: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A server or worker without what an in-process training leaves in this process's
+    environment (a one-process group): a worker must not hand it to its flow runs, which would
+    take themselves for ranks of a group (lm-eval's Accelerator joins it; parts collide on its
+    port)."""
     env = {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
     return start_server(argv, log, env, cwd=REPO, unset=LAUNCHER_VARIABLES)
 

@@ -8,7 +8,6 @@ resume ends with weights equal (torch.equal) to an uninterrupted run, and the CL
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import free_port, tiny_training_inputs
+from support import free_port, tiny_training_inputs, training_env
 
 from fusellm.data.store import open_topk
 from fusellm.method.loss import fusion_loss_parts
@@ -52,18 +51,6 @@ train(args["config"], args["model"], args["data"], args["output"], on_step=stop_
 """
 
 
-def _env() -> dict:
-    """A clean environment: no inherited launcher variables, the shared extension cache."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    }
-    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".cache" / "torch_extensions")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _launch(procs: int, *args: str) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable, *args]
@@ -80,7 +67,9 @@ def _launch(procs: int, *args: str) -> subprocess.CompletedProcess:
             str(free_port()),
             *args,
         ]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420, check=False)
+    return subprocess.run(
+        cmd, env=training_env(), capture_output=True, text=True, timeout=420, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -245,7 +234,11 @@ def test_zero3_under_the_deepspeed_launcher(fixture, two_process_run, tmp_path):
         "--output",
         str(out),
     ]
-    _ok(subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420, check=False))
+    _ok(
+        subprocess.run(
+            cmd, env=training_env(), capture_output=True, text=True, timeout=420, check=False
+        )
+    )
     zero3, zero2 = _weights(out / "model"), _weights(two_process_run / "model")
     assert zero3.keys() == zero2.keys()
     for name, tensor in zero3.items():
@@ -257,7 +250,7 @@ def test_clm_baseline_in_process_logs_to_active_mlflow_run(fixture, tmp_path, mo
     """lam = 1 runs the same loop without top-k tensors; metrics land in the caller's run."""
     import mlflow
 
-    for key, value in _env().items():
+    for key, value in training_env().items():
         monkeypatch.setenv(key, value)
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import free_port, tiny_training_inputs, wait_listening
+from support import free_port, tiny_training_inputs, training_env, wait_listening
 
 from fusellm.config import FusionConfigError, parse_fusion_config
 from fusellm.stages.base import StageError
@@ -78,17 +78,6 @@ main()
 """
 
 
-def _env(**extra: str) -> dict:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
-    }
-    env["TORCH_EXTENSIONS_DIR"] = str(REPO / ".cache" / "torch_extensions")
-    env["OMP_NUM_THREADS"] = "1"
-    return {**env, **extra}
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """The tiny target, a fused store for it, and the node scripts."""
@@ -106,7 +95,7 @@ def one_machine(root, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("one-machine") / "out"
     old = os.environ.copy()
-    os.environ.update(_env())
+    os.environ.update(training_env())
     try:
         launch(TrainConfig(**CONFIG), root / "model", root / "data", out, processes=2)
     finally:
@@ -130,7 +119,7 @@ class Node:
             "rendezvous": f"127.0.0.1:{port}",
             "entry": [str(root / "lost.py")] if lost_at else ["-m", "fusellm.train"],
         }
-        env = _env(KILL_NODE_AT=str(lost_at)) if lost_at else _env()
+        env = training_env(KILL_NODE_AT=str(lost_at)) if lost_at else training_env()
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, str(root / "node.py"), json.dumps(args)],
@@ -234,7 +223,7 @@ def test_a_node_that_cannot_join_the_rendezvous_names_the_endpoint(root, tmp_pat
     the other never comes. Either way the error comes within the timeout and names where."""
     endpoint = f"127.0.0.1:{free_port()}"
     old = os.environ.copy()
-    os.environ.update(_env())
+    os.environ.update(training_env())
     try:
         with pytest.raises(NodeLaunchError) as caught:
             run_node(
@@ -412,11 +401,11 @@ def test_the_training_stage_across_two_nodes(tmp_path):
             )
         return proc, log
 
-    node0, log0 = start(["--node-rank", "0"], _env(), "node0")
+    node0, log0 = start(["--node-rank", "0"], training_env(), "node0")
     procs = [node0]
     try:
         wait_listening(port, node0, 300, log0, name="node 0's rendezvous")
-        node1, log1 = start([], _env(JOB_COMPLETION_INDEX="1"), "node1")
+        node1, log1 = start([], training_env(JOB_COMPLETION_INDEX="1"), "node1")
         procs.append(node1)
         for proc, log in ((node0, log0), (node1, log1)):
             assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
