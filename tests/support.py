@@ -268,3 +268,8 @@ def training_env(**extra: str) -> dict[str, str]:
     )
     env["OMP_NUM_THREADS"] = "1"
     return {**env, **extra}
+
+
+def folder_bytes(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` by its relative path: two folders built alike compare equal."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from fusion_fixtures import fusion_dict, tiny_inputs
+from support import folder_bytes
 
 from fusellm.config import parse_fusion_config
 from fusellm.stages import pipeline
@@ -32,10 +33,6 @@ def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fanout")
     models, corpus = tiny_inputs(root)
     return root, models, corpus
-
-
-def _files(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_parts_cover_every_shard_once_and_build_what_one_walk_builds(inputs):
@@ -70,7 +67,9 @@ def test_parts_cover_every_shard_once_and_build_what_one_walk_builds(inputs):
     assert reference.stores.keys() == done.stores.keys()
     for identity, store in done.stores.items():
         assert store.key == reference.stores[identity].key
-        assert _files(store.path / "store") == _files(reference.stores[identity].path / "store")
+        assert folder_bytes(store.path / "store") == folder_bytes(
+            reference.stores[identity].path / "store"
+        )
 
 
 def test_trainings_and_evaluations_are_parts_built_as_in_process(inputs):

@@ -26,7 +26,14 @@ import pytest
 import yaml
 from fusion_fixtures import build_models, champion_texts, fusion_dict, write_corpus
 from s3server import s3_bucket, s3_endpoint  # noqa: F401  (fixtures)
-from support import LAUNCHER_VARIABLES, free_port, start_server, stop_server, wait_http
+from support import (
+    LAUNCHER_VARIABLES,
+    folder_bytes,
+    free_port,
+    start_server,
+    stop_server,
+    wait_http,
+)
 
 from fusellm.settings import LOCALHOST, TELEMETRY_OFF
 
@@ -576,7 +583,7 @@ def test_execution_deployments_fans_parts_out_over_the_gpu_workers(
     theirs = {p.parent.name: p for p in (s3_fusion[0].workdir / "store").glob("[!.]*/store")}
     assert len(mine_stores) == 2
     for store in mine_stores:
-        assert _files(store) == _files(theirs[store.parent.name]), store
+        assert folder_bytes(store) == folder_bytes(theirs[store.parent.name]), store
 
     evaluations = [run for name, run in mine if name == "evaluate-part"]
     assert sorted((r.parameters["model"], r.parameters["suite"]) for r in evaluations) == [
@@ -584,7 +591,3 @@ def test_execution_deployments_fans_parts_out_over_the_gpu_workers(
     ]  # fmt: skip
     assert all(r.state.is_completed() for r in evaluations)
     assert summary["scores"] == in_process["scores"]
-
-
-def _files(folder: Path) -> dict:
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
