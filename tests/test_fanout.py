@@ -50,9 +50,12 @@ def test_parts_cover_every_shard_once_and_build_what_one_walk_builds(inputs):
     assert all(1 <= len(p["shards"]) <= 2 for p in parts)
 
     first = parts[0]
-    built = pipeline.extract_part(parted, Executor(), first["model"], first["shards"])
+    own, before = Executor(), Executor()
+    built = pipeline.extract_part(parted, own, first["model"], first["shards"], before=before)
     assert [a.info["shard"] for a in built] == first["shards"]
     assert all(not a.reused for a in built)
+    assert set(own.tally.states) == {"extract"}  # the part's own units, as tasks in a flow
+    assert before.tally.states["pieces"] == ["Cached"]  # the stages before walked aside
     assert dispatch.extraction_parts(parted) == parts[1:]  # done parts are not started again
     for part in parts[1:]:
         pipeline.extract_part(parted, Executor(), part["model"], part["shards"])
@@ -77,8 +80,11 @@ def test_trainings_and_evaluations_are_parts_built_as_in_process(inputs):
     config = _config(root, models, corpus, "evaluated")
     pipeline.walk(config, Executor(), until="align_fuse")
     assert dispatch.training_parts(config) == [{"model": "fused"}, {"model": "baseline"}]
-    trained = pipeline.train_part(config, Executor(), "baseline")
+    own, before = Executor(), Executor()
+    trained = pipeline.train_part(config, own, "baseline", before=before)
     assert trained.info["lam"] == 1.0 and not trained.reused
+    assert own.tally.as_dict() == {"train": ["Completed"]}
+    assert set(before.tally.states["fused"]) == {"Cached"}
     assert dispatch.training_parts(config) == [{"model": "fused"}]
     with pytest.raises(UnknownPart, match="no training 'pair-neox' here"):
         pipeline.train_part(config, Executor(), "pair-neox")
@@ -94,7 +100,12 @@ def test_trainings_and_evaluations_are_parts_built_as_in_process(inputs):
         ("llama", "local"),
         ("neox", "local"),
     ]
-    scores = {p["model"]: pipeline.evaluate_part(config, Executor(), **p).info for p in parts}
+    own, before = Executor(), Executor()
+    scores = {
+        p["model"]: pipeline.evaluate_part(config, own, **p, before=before).info for p in parts
+    }
+    assert own.tally.as_dict() == {"evaluate": ["Completed"] * 4}
+    assert set(before.tally.states["train"]) == {"Cached"}
     assert dispatch.evaluation_parts(config) == []
     ex = Executor()
     done = pipeline.walk(config, ex, until="evaluate")

@@ -337,9 +337,13 @@ def training_units(f: Fusion) -> dict[str, Unit]:
     }
 
 
-def train_part(config: FusionConfig, ex: Executor, model: str) -> Artifact:
-    """One training of the fan-out (`fused`, `baseline` or `pair-<source>`), on one worker."""
-    f = walk(config, ex, until="align_fuse")
+def train_part(
+    config: FusionConfig, ex: Executor, model: str, *, before: Executor | None = None
+) -> Artifact:
+    """One training of the fan-out (`fused`, `baseline` or `pair-<source>`), on one worker.
+
+    `before` walks the stages before it (default `ex`), which the part finds done."""
+    f = walk(config, before or ex, until="align_fuse")
     units = training_units(f)
     if model not in units:
         raise UnknownPart(f"training part: no training {model!r} here ({', '.join(units)})")
@@ -435,16 +439,21 @@ class UnknownPart(ValueError):
 
 
 def extract_part(
-    config: FusionConfig, ex: Executor, model: str, shards: list[int]
+    config: FusionConfig,
+    ex: Executor,
+    model: str,
+    shards: list[int],
+    *,
+    before: Executor | None = None,
 ) -> list[Artifact]:
     """One unit of extraction fan-out: `model` (a model's name) over `shards`, on one worker.
 
-    The stages before are found done (the shared work folder). The part has its machine to
-    itself: its shards go round robin over every GPU the worker sees, the model loaded once
-    per GPU for all of them (`fusellm.stages.devices`).
+    The stages before are found done (the shared work folder); `before` walks them (default
+    `ex`). The part has its machine to itself: its shards go round robin over every GPU the
+    worker sees, the model loaded once per GPU for all of them (`fusellm.stages.devices`).
     """
     f = Fusion(config)
-    prepare(f, ex)
+    prepare(f, before or ex)
     names = [m.name for m in f.models]
     if model not in names:
         raise UnknownPart(
@@ -462,9 +471,12 @@ def extract_part(
         DEVICES.release()
 
 
-def evaluate_part(config: FusionConfig, ex: Executor, model: str, suite: str) -> Artifact:
-    """One unit of evaluation fan-out: `model` (fused, baseline or a source) on `suite`."""
-    f = walk(config, ex, until="train")
+def evaluate_part(
+    config: FusionConfig, ex: Executor, model: str, suite: str, *, before: Executor | None = None
+) -> Artifact:
+    """One unit of evaluation fan-out: `model` (fused, baseline or a source) on `suite`;
+    `before` walks the stages before it (default `ex`), which the part finds done."""
+    f = walk(config, before or ex, until="train")
     models = evaluated_models(f)
     if model not in models:
         raise UnknownPart(f"evaluation part: no model {model!r} here ({', '.join(models)})")
