@@ -463,6 +463,13 @@ _MODEL_FIELDS = {
             "<|endoftext|> when the EOS closes a chat turn) or a token string"
         ),
     ),
+    "chat_template": (
+        "Chat template",
+        (
+            "Jinja chat template the model reads conversations in (corpus.format: chat); "
+            "default: the tokenizer's own. A model without one needs it there"
+        ),
+    ),
 }
 _CORPUS_FIELDS = {
     "uri": (
@@ -475,6 +482,17 @@ _CORPUS_FIELDS = {
     "text_field": (
         "Text field",
         "JSONL key or column that holds each document's text (.txt files are one document each)",
+    ),
+    "format": (
+        "Format",
+        (
+            "text: documents, cut into pieces; chat: conversations (SFT records with a list "
+            "of role/content messages), one piece each, the loss on assistant text only"
+        ),
+    ),
+    "messages_field": (
+        "Messages field",
+        "JSONL key or column that holds each conversation's messages (format: chat)",
     ),
     "split": (
         "Split",

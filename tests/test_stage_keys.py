@@ -122,6 +122,12 @@ NOT_CASES = {
     "corpus.endpoint_url": "as target.endpoint_url",
     "corpus.text_field": "another field of the same files: as corpus.limit, needs other data",
     "corpus.split": "Hub datasets only",
+    "corpus.format": "conversations need a chat corpus and templates: tests/test_chat.py",
+    "corpus.messages_field": "chat corpora only: as corpus.text_field",
+    "target.chat_template": "read for chat corpora only, where it keys the pieces: "
+    "test_changing_a_chat_template_recuts_the_conversations",
+    "sources[0].chat_template": "as target.chat_template",
+    "sources[1].chat_template": "as target.chat_template",
     "training.sources": "set by the train stage from the source names",
     "training.nodes": "needs training.rendezvous too; in no key (test_training_nodes.py)",
     "evaluation.data_dir": "by content: test_evaluation_data_counts_by_content",

@@ -53,21 +53,42 @@ def _input_rows(model) -> int | None:
 
 
 def _encode(
-    texts: Sequence[str], tokenizer, max_length: int, frame: DocumentFrame
-) -> list[list[int]]:
-    """Token ids of each piece inside its frame; errors name the offending piece."""
-    encoded = []
+    texts: Sequence[str], tokenizer, max_length: int, frame: DocumentFrame | None
+) -> tuple[list[list[int]], list[np.ndarray | None]]:
+    """Token ids of each piece inside its frame, or (`frame` None: chat pieces) rendered in
+    the model's chat template, with the positions in the loss; errors name the piece."""
+    from fusellm.data.chat import read_piece, render
+
+    encoded, trained = [], []
     for i, text in enumerate(texts):
         if not isinstance(text, str) or not text:
             raise ValueError(f"piece {i} is empty (or not a string); remove empty pieces first")
-        ids = frame.wrap(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if frame is None:
+            view = render(read_piece(text), tokenizer)
+            ids = view.ids.tolist()
+            trained.append(view.trained)
+        else:
+            ids = frame.wrap(tokenizer(text, add_special_tokens=False)["input_ids"])
+            trained.append(None)
         if len(ids) > max_length:
             raise ValueError(
                 f"piece {i} has {len(ids)} tokens with its document tokens, more than max_length={max_length}; "
                 "split the corpus with fusellm.data.pieces.make_pieces"
             )
         encoded.append(ids)
-    return encoded
+    return encoded, trained
+
+
+def _framing(frame: DocumentFrame | None, tokenizer) -> dict:
+    """What a store says about how its model saw a piece: its frame, or its chat template."""
+    if frame is None:
+        return {"chat": True, "prefix_tokens": 0, "eos_token_id": tokenizer.eos_token_id,
+                "chat_template_sha256": sha256_texts([tokenizer.chat_template])}  # fmt: skip
+    return {
+        "eos_token_id": frame.end,
+        "prefix_tokens": frame.prefix,  # positions before the text: fusion aligns past them
+        **frame.describe(),
+    }
 
 
 def _autocast(device: torch.device, model_dtype: torch.dtype):
@@ -114,16 +135,18 @@ def _topk_batch(model, batch: list[list[int]], top_k: int, device, piece_ids: li
     return [(indices[row, :n], values[row, :n], nll[row, :n]) for row, n in enumerate(lengths)]
 
 
-def _record(ids: list[int], top_ids, top_lp, nll, with_token_ce: bool) -> TopkRecord:
+def _record(ids: list[int], top_ids, top_lp, nll, with_token_ce: bool, trained=None) -> TopkRecord:
     token_nll = nll.astype(np.float32).copy()
     token_nll[-1] = np.nan  # the last position (after EOS) predicts nothing
-    ce = float(token_nll[:-1].mean()) if len(ids) > 1 else float("nan")
+    scored = token_nll[:-1] if trained is None else token_nll[trained]  # chat: the loss's own
+    ce = float(scored.mean()) if scored.size else float("nan")
     return TopkRecord(
         input_ids=np.asarray(ids, dtype=np.int64),
         ids=top_ids.astype(np.int64),
         logprobs=top_lp.astype(np.float32),
         ce=ce,
         token_ce=token_nll if with_token_ce else None,
+        trained=trained,
     )
 
 
@@ -151,10 +174,13 @@ def extract_topk(
     token_ce: bool = True,
     progress: bool = True,
     frame: DocumentFrame | None = None,
+    chat: bool = False,
 ) -> dict:
     """Write the top-k store of `model` over `texts` to `out_dir`; returns its manifest.
 
     `frame`: the tokens around each piece (default: the tokenizer's own, `document_frame`).
+    `chat`: the pieces are conversations, each rendered in the model's chat template (no
+    frame); records say which positions are in the loss (`fusellm.data.chat`).
     Resumes an interrupted run in the same folder (same model, tokenizer, parameters and texts).
     """
     texts = list(texts)
@@ -165,8 +191,8 @@ def extract_topk(
         raise ValueError(f"top_k={top_k} must be between 1 and the model's vocabulary size {vocab}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    frame = frame or document_frame(tokenizer)
-    encoded = _encode(texts, tokenizer, max_length, frame)
+    frame = None if chat else frame or document_frame(tokenizer)
+    encoded, trained = _encode(texts, tokenizer, max_length, frame)
     rows = _input_rows(model)
     top = max(max(ids) for ids in encoded)
     if rows is not None and top >= rows:
@@ -183,9 +209,7 @@ def extract_topk(
         "model_name": Path(getattr(model.config, "_name_or_path", "") or "").name
         or type(model).__name__,
         "max_length": max_length,
-        "eos_token_id": frame.end,
-        "prefix_tokens": frame.prefix,  # positions before the text: fusion aligns past them
-        **frame.describe(),
+        **_framing(frame, tokenizer),
         "tokenizer_size": len(tokenizer),
         "texts_sha256": sha256_texts(texts),
     }
@@ -217,7 +241,7 @@ def extract_topk(
                 model, [chunk[i] for i in rows], top_k, device, [start + i for i in rows]
             )
             for i, out in zip(rows, outs):
-                results[i] = _record(chunk[i], *out, token_ce)
+                results[i] = _record(chunk[i], *out, token_ce, trained[start + i])
             bar.update(len(rows))
         writer.write_shard(
             results,

@@ -91,7 +91,8 @@ def same_as_target(source: SourceData, target_store: TopkStore, target_tokenizer
 def _sequence_ce(record: TopkRecord, n_bytes: int, unit: str) -> float:
     if unit == "token":
         return record.ce
-    return record.ce * (len(record) - 1) / max(n_bytes, 1)
+    scored = len(record) - 1 if record.trained is None else int(record.trained.sum())
+    return record.ce * scored / max(n_bytes, 1)
 
 
 def _token_ce(record: TopkRecord, rows: np.ndarray, who: str) -> np.ndarray:
@@ -119,6 +120,20 @@ def framed_ends(text: str, tokenizer, record: TopkRecord, prefix: int, role: str
     return np.concatenate([np.zeros(prefix, dtype=np.int64), ends])
 
 
+def _chat_view(piece: str, tokenizer, record: TopkRecord, role: str):
+    """A model's reading of a chat piece, checked against the ids its store holds."""
+    from fusellm.data.chat import read_piece, render
+
+    view = render(read_piece(piece), tokenizer)
+    if not np.array_equal(view.ids, record.input_ids):
+        raise StoreError(
+            f"the {role} store's ids differ from the conversation in its chat template "
+            f"({len(record.input_ids)} against {len(view.ids)} tokens): the template changed "
+            "since extraction; extract again"
+        )
+    return view
+
+
 def _with_eos(text_alignment: np.ndarray) -> np.ndarray:
     """Add the end-token position: it predicts nothing, so it stays unaligned (the loss skips it)."""
     return np.append(text_alignment, -1)
@@ -142,7 +157,7 @@ def _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefix, a
 
 def fuse_piece(
     text, target_tokenizer, target_record, sources, source_records, *, method, granularity, ce_unit, k,
-    alignment="offsets", duplicates=(), prefixes=None, next_token="map",
+    alignment="offsets", duplicates=(), prefixes=None, next_token="map", chat=False,
 ):
     """Fused (ids, logprobs) for one piece plus per-source stats; see module docstring.
 
@@ -150,12 +165,17 @@ def fuse_piece(
     `prefixes`: positions before the text in the target's and each source's records (document
     start tokens; default none). `next_token`: where a source's mass on the token it really
     reads next goes: "map" (through the vocabulary map) or "target" (to the token the target
-    really reads next; `fusellm.method.fuse.transfer`).
+    really reads next; `fusellm.method.fuse.transfer`). `chat`: the piece is a conversation,
+    which each model reads in its own chat template (`fusellm.data.chat`).
     """
     t_prefix, *s_prefixes = prefixes or [0] * (1 + len(sources))
-    t_ends = framed_ends(text, target_tokenizer, target_record, t_prefix, "target")
+    if chat:
+        view = _chat_view(text, target_tokenizer, target_record, "target")
+        t_ends, n_bytes = view.ends, view.assistant_bytes
+    else:
+        t_ends = framed_ends(text, target_tokenizer, target_record, t_prefix, "target")
+        n_bytes = len(text.encode("utf-8"))
     target_next = np.append(target_record.input_ids[1:], -1)
-    n_bytes = len(text.encode("utf-8"))
     candidates = [(target_record.ids[:, :k], target_record.logprobs[:, :k])]
     seq_ce = [_sequence_ce(target_record, n_bytes, ce_unit)]
     tok_ce = []
@@ -165,6 +185,8 @@ def fuse_piece(
         # The target is always a candidate; after EOS nothing is predicted (CE is NaN there).
         tok_ce.append(np.nan_to_num(target_record.token_ce, nan=0.0))
     positions = len(target_next) - 1  # the last position (after EOS) predicts nothing
+    if chat:  # sources speak for assistant text only
+        positions = int(view.from_sources.sum())
     stats, column = [], []  # column: candidate index of each source (None: it is the target)
     for n, (source, record) in enumerate(zip(sources, source_records)):
         if n in duplicates:
@@ -172,9 +194,13 @@ def fuse_piece(
                           "dropped_ids": 0, "wins": 0})
             column.append(None)
             continue
-        pairs = _with_eos(
-            _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefixes[n], alignment)
-        )
+        if chat:
+            s_view = _chat_view(text, source.tokenizer, record, f"source '{source.name}'")
+            pairs = np.where(view.from_sources, pair_ends(t_ends, s_view.ends), -1)
+        else:
+            pairs = _with_eos(
+                _align(text, target_tokenizer, t_ends, t_prefix, source, record, s_prefixes[n], alignment)
+            )
         vmap = source.vocab_map
         source_next = np.append(record.input_ids[1:], -1) if next_token == "target" else None
         ids, lps, dropped = transfer(
@@ -240,6 +266,9 @@ def build_fused_store(
     for source in sources:
         _check_map(source, target_tokenizer, target_rows)
     duplicates = tuple(n for n, s in enumerate(sources) if same_as_target(s, target_store, target_tokenizer))
+    chat = bool(target_store.meta.get("chat"))
+    if chat and alignment != "offsets":
+        raise ValueError(f"alignment={alignment!r}: conversations are aligned on offsets only")
     k = top_k or target_store.top_k
     prefixes = [prefix_of(target_store), *(prefix_of(s.store) for s in sources)]
     meta = {
@@ -257,6 +286,7 @@ def build_fused_store(
         "alignment": alignment,
         "next_token": next_token,
         "prefix_tokens": prefixes[0],
+        **({"chat": True} if chat else {}),
         "document": {k_: v for k_, v in target_store.meta.items() if k_.startswith("document_")},
     }
     writer = TopkWriter(
@@ -275,12 +305,14 @@ def build_fused_store(
             ids, lps, stats = fuse_piece(
                 pieces[i], target_tokenizer, target_record, sources, [s.store[i] for s in sources],
                 method=method, granularity=granularity, ce_unit=ce_unit, k=k, alignment=alignment,
-                duplicates=duplicates, prefixes=prefixes, next_token=next_token,
+                duplicates=duplicates, prefixes=prefixes, next_token=next_token, chat=chat,
             )
             for source, stat in zip(sources, stats):
                 for key, value in stat.items():
                     totals[source.name][key] += value
-            records.append(TopkRecord(target_record.input_ids, ids, lps, target_record.ce))
+            records.append(
+                TopkRecord(target_record.input_ids, ids, lps, target_record.ce, trained=target_record.trained)
+            )
             bar.update(1)
         writer.write_shard(records, source_sha256=sha256_texts(pieces[start:stop]), stats=totals)
     bar.close()

@@ -48,6 +48,8 @@ class PiecesTally:
     texts: int = 0
     dropped_empty: int = 0
     recut: int = 0  # pieces that needed a second cut after re-tokenization
+    shortened: int = 0  # chat: conversations cut to their first turns to fit the block
+    dropped_long: int = 0  # chat: conversations whose first exchange does not fit
 
 
 @dataclass

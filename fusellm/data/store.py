@@ -13,6 +13,8 @@ What a shard holds, for its records concatenated along the token axis (T tokens,
                         code 0 = empty slot (read back as id -1, log-prob -inf)
     ce         [n]      mean next-token cross-entropy of each record (float32)
     token_ce   [T]      optional: -log p(token t+1) at position t, float16 (NaN at the last one)
+    trained    [T]      optional: position t is in the loss (chat pieces: it predicts assistant
+                        text or its turn's end; `fusellm.data.chat`), one bit each
 
 On disk (format version 2) the shard is a safetensors file with `offsets` (int64 [n + 1]: record
 i spans tokens offsets[i]:offsets[i+1]), `ce`, and `streams`: byte streams, each compressed with
@@ -101,6 +103,7 @@ class TopkRecord:
     logprobs: np.ndarray  # float32 [T, k], log-softmax over the full vocabulary
     ce: float  # mean over t < T-1 of -log p(input_ids[t+1] | input_ids[:t+1])
     token_ce: np.ndarray | None = None  # float32 [T], NaN at the last position
+    trained: np.ndarray | None = None  # bool [T]: positions in the loss (None: all of them)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -156,6 +159,10 @@ def _shard_arrays(records: Sequence[TopkRecord], top_k: int, vocab_size: int) ->
     }
     if records and all(r.token_ce is not None for r in records):
         arrays["token_ce"] = np.concatenate([r.token_ce for r in records]).astype(np.float16)
+    if records and any(r.trained is not None for r in records):
+        arrays["trained"] = np.concatenate(
+            [np.ones(len(r), bool) if r.trained is None else r.trained for r in records]
+        ).astype(bool)
     return arrays
 
 
@@ -327,6 +334,9 @@ def _encode_shard(arrays: dict, top_k: int) -> tuple[dict, dict]:
         zigzag = (diff << 1) ^ (diff >> 15)
         _put_ints(streams, "tce", [zigzag[found], zigzag[~found]])
         tensors["token_ce_table"] = table
+    if "trained" in arrays:
+        streams["trained"] = np.packbits(arrays["trained"])
+        tensors["trained_tokens"] = np.array([len(arrays["trained"])], dtype=np.int64)
     compressor = zstandard.ZstdCompressor(
         compression_params=zstandard.ZstdCompressionParameters.from_level(
             _ZSTD_LEVEL, min_match=_ZSTD_MIN_MATCH, write_checksum=0
@@ -404,6 +414,9 @@ def _decode_shard(path: Path, tensors: dict, metadata: dict, top_k: int, vocab_s
         zigzag[found], zigzag[~found] = hits, misses
         diff = ((zigzag >> np.uint32(1)) ^ -(zigzag & np.uint32(1))).astype(np.uint16)
         arrays["token_ce"] = (diff + guess).view(np.float16)  # mod 2**16
+    if "trained_tokens" in tensors:
+        bits = streams.get("trained", (tokens + 7) // 8)
+        arrays["trained"] = np.unpackbits(bits, count=tokens).astype(bool)
     return arrays
 
 
@@ -655,7 +668,7 @@ class TopkStore:
         arrays = self._shard(shard_index)
         local = i - int(self._starts[shard_index])
         a, b = int(arrays["offsets"][local]), int(arrays["offsets"][local + 1])
-        token_ce = arrays.get("token_ce")
+        token_ce, trained = arrays.get("token_ce"), arrays.get("trained")
         codes = arrays["topk_codes"][a:b]
         return TopkRecord(
             input_ids=arrays["input_ids"][a:b].astype(np.int64),
@@ -663,6 +676,7 @@ class TopkStore:
             logprobs=decode_logprobs(codes),
             ce=float(arrays["ce"][local]),
             token_ce=None if token_ce is None else token_ce[a:b].astype(np.float32),
+            trained=None if trained is None else trained[a:b].copy(),
         )
 
 

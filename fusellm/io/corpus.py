@@ -17,6 +17,10 @@ Formats, by file suffix (a folder may mix them, and nest them):
   (``HF_HUB_OFFLINE``) works from that cache.
 * ``s3://bucket/key-or-prefix``: mirrored with `fusellm.io.s3.fetch_s3`, then read as above.
 
+With ``format: chat`` each record is a conversation: ``messages_field`` (default ``messages``)
+holds a list of ``{"role", "content"}`` (JSONL, or a Parquet / datasets column of that shape),
+and each document is its canonical JSON (`fusellm.data.chat`).
+
 Malformed input is reported with the file, the line or row, and the field.
 """
 
@@ -27,7 +31,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -54,8 +58,15 @@ class CorpusRef(LocatedRef):
     hub_hint: ClassVar[str] = "a Hub corpus is written hf://datasets/org/name"
 
     text_field: str = "text"
+    format: Literal["text", "chat"] = "text"  # chat: conversations in messages_field
+    messages_field: str = "messages"
     split: str | None = None  # for datasets with several splits (Hub: default "train")
     limit: int | None = Field(default=None, gt=0)  # first N documents only
+
+    @property
+    def field(self) -> str:
+        """The field that holds each document: the text, or the conversation's messages."""
+        return self.messages_field if self.format == "chat" else self.text_field
 
 
 def default_cache() -> Path:
@@ -78,7 +89,7 @@ def iter_documents(ref: CorpusRef, cache_dir: str | Path | None = None) -> Itera
 def _documents(ref: CorpusRef, cache_dir: str | Path | None) -> Iterator[str]:
     uri = parse_uri(ref.uri)
     if isinstance(uri, HubURI):
-        yield from read_hub_dataset(uri, ref.text_field, ref.split)
+        yield from read_hub_dataset(uri, ref.field, ref.split, ref.format)
         return
     if isinstance(uri, S3URI):
         path = fetch_s3(
@@ -88,18 +99,20 @@ def _documents(ref: CorpusRef, cache_dir: str | Path | None) -> Iterator[str]:
         path = uri.path
     if not path.exists():
         raise MissingCorpusPath(f"corpus path {path} does not exist")
-    yield from read_path(path, ref.text_field, ref.split)
+    yield from read_path(path, ref.field, ref.split, ref.format)
 
 
-def read_path(path: Path, field: str, split: str | None = None) -> Iterator[str]:
+def read_path(
+    path: Path, field: str, split: str | None = None, kind: str = "text"
+) -> Iterator[str]:
     """Documents of a file or folder (recursively, sorted by relative path)."""
     if path.is_file():
-        yield from read_file(path, field)
+        yield from read_file(path, field, kind)
     elif is_saved_dataset(path):
-        yield from read_saved_dataset(path, field, split)
+        yield from read_saved_dataset(path, field, split, kind)
     else:
         for child in _corpus_entries(path):
-            yield from read_path(child, field, split)
+            yield from read_path(child, field, split, kind)
 
 
 def _corpus_entries(folder: Path) -> list[Path]:
@@ -117,13 +130,15 @@ def _corpus_entries(folder: Path) -> list[Path]:
     return entries
 
 
-def read_file(path: Path, field: str) -> Iterator[str]:
+def read_file(path: Path, field: str, kind: str = "text") -> Iterator[str]:
     if path.suffix == ".txt":
+        if kind == "chat":
+            raise CorpusError(f"{path}: a chat corpus is JSONL or Parquet records, not .txt")
         yield read_txt(path)
     elif path.suffix == ".jsonl":
-        yield from read_jsonl(path, field)
+        yield from read_jsonl(path, field, kind)
     elif path.suffix == ".parquet":
-        yield from read_parquet(path, field)
+        yield from read_parquet(path, field, kind)
     else:
         raise CorpusError(
             f"corpus file {path} has an unsupported type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}"
@@ -139,19 +154,31 @@ def read_txt(path: Path) -> str:
         raise CorpusError(f"{path}: not UTF-8 at byte {err.start}") from None
 
 
-def _text_of(record, field: str, where: str) -> str:
+def _text_of(record, field: str, where: str, kind: str = "text") -> str:
     if not isinstance(record, dict):
         raise CorpusError(f"{where} is a JSON {type(record).__name__}, expected an object")
     if field not in record:
         fields = ", ".join(sorted(map(str, record))[:10])
         raise CorpusError(f'{where} has no field "{field}" (it has: {fields})')
-    value = record[field]
+    return _document(record[field], f'field "{field}"', where, kind)
+
+
+def _document(value, name: str, where: str, kind: str) -> str:
+    """A text, or (chat) a conversation as its canonical JSON; errors name `where` and `name`
+    (`field "text"` of a JSON record, `column "text"` of a table)."""
+    if kind == "chat":
+        from fusellm.data.chat import ChatError, conversation_piece, normalise_messages
+
+        try:
+            return conversation_piece(normalise_messages(value, f"{where}, {name}"))
+        except ChatError as err:
+            raise CorpusError(str(err)) from None
     if not isinstance(value, str):
-        raise CorpusError(f'{where}: field "{field}" is {type(value).__name__}, expected a string')
+        raise CorpusError(f"{where}: {name} is {type(value).__name__}, expected a string")
     return value
 
 
-def read_jsonl(path: Path, field: str) -> Iterator[str]:
+def read_jsonl(path: Path, field: str, kind: str = "text") -> Iterator[str]:
     """One document per line; a line that is not UTF-8, not JSON, or nested beyond what the
     parser can follow is an error naming the file and the line."""
     with open(path, "rb") as f:
@@ -169,10 +196,10 @@ def read_jsonl(path: Path, field: str) -> Iterator[str]:
                 raise CorpusError(f"{where}: invalid JSON ({err})") from None
             except RecursionError:
                 raise CorpusError(f"{where}: JSON nested too deeply") from None
-            yield _text_of(record, field, where)
+            yield _text_of(record, field, where, kind)
 
 
-def read_parquet(path: Path, field: str) -> Iterator[str]:
+def read_parquet(path: Path, field: str, kind: str = "text") -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -186,11 +213,7 @@ def read_parquet(path: Path, field: str) -> Iterator[str]:
     row = 0
     for batch in pf.iter_batches(columns=[field], batch_size=4096):
         for value in batch.column(0).to_pylist():
-            if not isinstance(value, str):
-                raise CorpusError(
-                    f'{path} row {row}: column "{field}" is {type(value).__name__}, expected a string'
-                )
-            yield value
+            yield _document(value, f'column "{field}"', f"{path} row {row}", kind)
             row += 1
 
 
@@ -216,31 +239,30 @@ def _pick_split(dataset, split: str | None, where: str):
     return dataset[split]
 
 
-def _dataset_texts(dataset, field: str, where: str) -> Iterator[str]:
+def _dataset_texts(dataset, field: str, where: str, kind: str = "text") -> Iterator[str]:
     if field not in dataset.column_names:
         raise CorpusError(
             f'{where} has no column "{field}" (it has: {", ".join(dataset.column_names[:10])})'
         )
     row = 0
     for batch in dataset.select_columns([field]).iter(batch_size=1000):
-        for text in batch[field]:
-            if not isinstance(text, str):
-                kind = type(text).__name__
-                raise CorpusError(
-                    f'{where} row {row}: column "{field}" is {kind}, expected a string'
-                )
-            yield text
+        for value in batch[field]:
+            yield _document(value, f'column "{field}"', f"{where} row {row}", kind)
             row += 1
 
 
-def read_saved_dataset(path: Path, field: str, split: str | None = None) -> Iterator[str]:
+def read_saved_dataset(
+    path: Path, field: str, split: str | None = None, kind: str = "text"
+) -> Iterator[str]:
     from datasets import load_from_disk
 
     dataset = _pick_split(load_from_disk(str(path)), split, f"dataset {path}")
-    yield from _dataset_texts(dataset, field, f"dataset {path}")
+    yield from _dataset_texts(dataset, field, f"dataset {path}", kind)
 
 
-def read_hub_dataset(uri: HubURI, field: str, split: str | None = None) -> Iterator[str]:
+def read_hub_dataset(
+    uri: HubURI, field: str, split: str | None = None, kind: str = "text"
+) -> Iterator[str]:
     """A Hub dataset through ``datasets.load_dataset`` and its cache (offline: cache only)."""
     import datasets
 
@@ -256,7 +278,7 @@ def read_hub_dataset(uri: HubURI, field: str, split: str | None = None) -> Itera
         raise CorpusError(f"{where} (revision {uri.revision}) cannot be loaded: {err}") from None
     except ValueError as err:  # e.g. an unknown split
         raise CorpusError(f"{where}: {err}") from None
-    yield from _dataset_texts(dataset, field, where)
+    yield from _dataset_texts(dataset, field, where, kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,18 +303,18 @@ def check_corpus(ref: CorpusRef, cache_dir: str | Path | None = None) -> int:
         path = uri.path
     if not path.exists():
         raise MissingCorpusPath(f"corpus path {path} does not exist")
-    return _check_path(path, ref.text_field, ref.split)
+    return _check_path(path, ref.field, ref.split, ref.format)
 
 
-def _check_path(path: Path, field: str, split: str | None) -> int:
+def _check_path(path: Path, field: str, split: str | None, kind: str) -> int:
     if path.is_dir() and not is_saved_dataset(path):
-        return sum(_check_path(child, field, split) for child in _corpus_entries(path))
+        return sum(_check_path(child, field, split, kind) for child in _corpus_entries(path))
     if path.suffix == ".jsonl":
-        next(read_jsonl(path, field), None)
+        next(read_jsonl(path, field, kind), None)
     elif path.suffix == ".parquet" or is_saved_dataset(path):
-        next(read_path(path, field, split), None)
-    elif path.suffix != ".txt":
-        list(read_file(path, field))  # raises the unsupported-type error
+        next(read_path(path, field, split, kind), None)
+    elif path.suffix != ".txt" or kind == "chat":
+        list(read_file(path, field, kind))  # raises the unsupported-type error
     return 1
 
 
@@ -316,8 +338,13 @@ def corpus_fingerprint(ref: CorpusRef) -> str:
         if not uri.path.exists():
             raise MissingCorpusPath(f"corpus path {uri.path} does not exist")
         content = f"local:{local_identity(uri.path, small=2**62)}"
-    selection = json.dumps(
-        {"content": content, "text_field": ref.text_field, "split": ref.split, "limit": ref.limit},
-        sort_keys=True,
-    )
+    chosen = {
+        "content": content,
+        "text_field": ref.text_field,
+        "split": ref.split,
+        "limit": ref.limit,
+    }
+    if ref.format == "chat":  # other documents from the same files
+        chosen.update(format="chat", messages_field=ref.messages_field)
+    selection = json.dumps(chosen, sort_keys=True)
     return hashlib.sha256(selection.encode()).hexdigest()

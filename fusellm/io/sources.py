@@ -63,6 +63,7 @@ class ModelRef(LocatedRef):
     name: str | None = None
     document_start: str = "auto"
     document_end: str = "auto"
+    chat_template: str | None = None  # Jinja; replaces the tokenizer's own (chat corpora)
 
     @property
     def parsed(self) -> URI:
@@ -181,4 +182,7 @@ def load_tokenizer(path: str | Path, ref: ModelRef):
     path = Path(path)
     if not path.is_dir():
         raise SourceError(f"tokenizer of {ref.display_name}: {path} is not a folder")
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=ref.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=ref.trust_remote_code)
+    if ref.chat_template:  # the config's template: for a model without one, or to replace it
+        tokenizer.chat_template = ref.chat_template
+    return tokenizer

@@ -59,6 +59,7 @@ def extract_unit(
     from fusellm.stages.devices import DEVICES, device_of, gpu_count
 
     e = config.extraction
+    chat = config.corpus.format == "chat"  # conversations: each model's chat template, no frame
 
     def build(folder: Path) -> dict:
         device = device_of(e.device, place, gpu_count(), models=models, shard=shard or 0)
@@ -77,7 +78,8 @@ def extract_unit(
                 shard_size=len(texts),
                 token_ce=e.token_ce,
                 progress=progress,
-                frame=frame_of(model),
+                frame=None if chat else frame_of(model),
+                chat=chat,
             )
         return {
             "model": model.name,
@@ -86,7 +88,7 @@ def extract_unit(
             "count": manifest["count"],
             "tokens": manifest["tokens"],
             "bytes": manifest["bytes"],
-            **frame_of(model).describe(),
+            **({"chat": True} if chat else frame_of(model).describe()),
         }
 
     label = f"extract-{model.name}-shard-{'all' if shard is None else shard}"

@@ -46,13 +46,24 @@ def pieces_key(config: FusionConfig, models: list[ModelFiles], corpus_identity: 
     """Pieces depend on the corpus, the tokenizers (not the weights), how texts are cut, and
     the shard size (extraction and fusion work one pieces shard at a time); not on
     `pieces.workers`, which changes no piece."""
+    chat = {}
+    if config.corpus.format == "chat":  # whether a conversation fits depends on the templates
+        chat["chat_templates"] = sorted({chat_template_sha256(m) for m in models})
     return stage_key(
         "pieces",
         corpus=corpus_identity,
         tokenizers=sorted({m.tokenizer for m in models}),
         pieces=config.pieces.model_dump(exclude={"workers"}),
         shard_size=config.extraction.shard_size,
+        **chat,
     )
+
+
+def chat_template_sha256(model: ModelFiles) -> str:
+    """The chat template a model renders conversations with (its own, or the config's)."""
+    from fusellm.io.fingerprint import sha256_texts
+
+    return sha256_texts([tokenizer_of(model).chat_template or ""])
 
 
 def pieces_unit(
@@ -67,9 +78,12 @@ def pieces_unit(
     Streams: documents are read, cut (in `pieces.workers` processes, default the cores) and
     written one shard at a time, in corpus order.
     """
+    from fusellm.data.chat import iter_conversations
     from fusellm.data.piece_shards import write_piece_shards
     from fusellm.data.pieces import PiecesTally, iter_pieces
     from fusellm.io.corpus import check_corpus, iter_documents
+
+    chat = config.corpus.format == "chat"  # a piece is a whole conversation (fusellm.data.chat)
 
     def build(folder: Path) -> dict:
         cache = Path(config.workdir) / "cache"
@@ -77,24 +91,35 @@ def pieces_unit(
         distinct = {m.tokenizer: m for m in models}  # the target is often a source too
         tokenizers = [tokenizer_of(m) for m in distinct.values()]
         tally = PiecesTally()
-        pieces = iter_pieces(
-            iter_documents(config.corpus, cache),
-            tokenizers,
-            config.pieces.block_size,
-            config.pieces.margin,
-            tally=tally,
-            progress=progress,
-            workers=config.pieces.workers or cores(),
-        )
+        documents = iter_documents(config.corpus, cache)
+        if chat:
+            names = [m.name for m in distinct.values()]
+            pieces = iter_conversations(
+                documents, tokenizers, names, config.pieces.block_size, tally
+            )
+        else:
+            pieces = iter_pieces(
+                documents,
+                tokenizers,
+                config.pieces.block_size,
+                config.pieces.margin,
+                tally=tally,
+                progress=progress,
+                workers=config.pieces.workers or cores(),
+            )
         manifest = write_piece_shards(pieces, folder, config.extraction.shard_size)
         if not manifest["count"]:
             raise StageError(f"corpus {config.corpus.uri}: no non-empty documents to fuse on")
+        counts = (
+            {"shortened": tally.shortened, "dropped_long": tally.dropped_long}
+            if chat
+            else {"dropped_empty": tally.dropped_empty, "recut": tally.recut}
+        )
         return {
             "pieces": manifest["count"],
             "shards": len(manifest["shards"]),
             "texts": tally.texts,
-            "dropped_empty": tally.dropped_empty,
-            "recut": tally.recut,
+            **counts,
             "texts_sha256": manifest["texts_sha256"],
         }
 

@@ -29,7 +29,8 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """Pad records to the longest one (cut at `max_length`).
 
-    Returns input_ids, attention_mask and labels [B, L] (labels -100 on padding), and with
+    Returns input_ids, attention_mask and labels [B, L] (labels -100 on padding, and on every
+    token a chat record does not train: `TopkRecord.trained`), and with
     `with_topk` topk_ids [B, L, k] (int64, -1 on padding) and topk_logprobs (float32, -inf).
     For the CLM baseline (`with_topk=False`) the top-k arrays are never touched.
     """
@@ -39,6 +40,11 @@ def collate(
     mask = np.arange(lengths.max())[None, :] < lengths[:, None]
     ids = _pad([r.input_ids[:max_length] for r in records], mask, pad_id, np.int64)
     labels = np.where(mask, ids, IGNORE_INDEX)
+    for row, r in enumerate(records):  # chat pieces: only what the assistant says is learnt
+        if r.trained is not None:
+            n = lengths[row]
+            labels[row, 1:n][~r.trained[: n - 1]] = IGNORE_INDEX  # position t predicts t + 1
+            labels[row, 0] = IGNORE_INDEX  # no position predicts the first token
     batch = {
         "input_ids": torch.from_numpy(ids),
         "attention_mask": torch.from_numpy(mask.astype(np.int64)),
