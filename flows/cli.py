@@ -178,6 +178,14 @@ def demo_command(
             "Qwen2.5-Coder-0.5B; fetched once into the cache) instead of the built tiny ones",
         ),
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="fuse them as chat models (FuseChat): conversations built from Python's own "
+            "files, one pairwise fusion per source, then a merge onto the target",
+        ),
+    ] = False,
 ) -> None:
     """Run the miniature FuseLLM demo on this CPU and write <out>/report.{json,md,png}."""
     from fusellm.demo.real import REAL_RECIPE
@@ -191,7 +199,7 @@ def demo_command(
 
     recipe = (REAL_RECIPE if real else DEFAULT_DEMO_RECIPE).model_copy(update={"seed": seed})
     _run_flow(
-        lambda: run_demo(fuse, out, recipe=recipe, home=home, real=real),
+        lambda: run_demo(fuse, out, recipe=recipe, home=home, real=real, chat=chat),
         flow="fuse",
         home=home,
         command="demo",

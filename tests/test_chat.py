@@ -16,7 +16,7 @@ from fusion_fixtures import build_models, corpus_texts, fusion_dict, reseed_mode
 from fusellm.config import parse_fusion_config
 from fusellm.data.chat import ChatError, normalise_messages, render
 from fusellm.data.store import TopkRecord, open_topk, write_topk
-from fusellm.demo.real import REAL_MODELS
+from fusellm.demo.real import GEMMA_CHAT_TEMPLATE, REAL_MODELS
 from fusellm.io.corpus import CorpusError, CorpusRef, iter_documents
 from fusellm.method.align import pair_ends
 from fusellm.method.loss import IGNORE_INDEX
@@ -273,12 +273,6 @@ def test_a_model_without_a_chat_template_is_named(tiny):
 # ---------------------------------------------------------------------------------------------
 # The real checkpoints' own templates (SmolLM2 and Qwen: ChatML; Gemma 3 base: none of its own)
 
-GEMMA_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
-    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
-    "<end_of_turn>\n{% endfor %}"
-)
-
 
 @pytest.mark.slow
 def test_real_templates_train_the_replies_and_align_on_them():
@@ -291,7 +285,7 @@ def test_real_templates_train_the_replies_and_align_on_them():
         tok = AutoTokenizer.from_pretrained(ensure_model(name))
         if name.startswith("gemma"):
             assert not tok.chat_template  # the base checkpoint: the config must give one
-            tok.chat_template = GEMMA_TEMPLATE
+            tok.chat_template = GEMMA_CHAT_TEMPLATE
         toks[name] = tok
     messages = normalise_messages(
         [{"role": "system", "content": "Answer briefly."},
@@ -338,3 +332,11 @@ def test_changing_a_chat_template_recuts_the_conversations(tiny):
         d["corpus"] = {"uri": str(text)}
         keys.append(pipeline.plan(parse_fusion_config(d), until="prepare").units[0][0].key)
     assert keys[0] == keys[1]
+
+
+def test_a_chat_corpus_none_of_whose_conversations_fits_is_an_error(tiny):
+    root, models = tiny
+    long = [{"role": "user", "content": "Go on " * 80}, {"role": "assistant", "content": "No."}]
+    config = chat_config(root, models, [long, long], "too-long")
+    with pytest.raises(StageError, match=r"none of its 2 conversations fits in pieces.block_size"):
+        pipeline.walk(config, Executor(), until="prepare")

@@ -23,7 +23,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_exten
 SOURCES = ["llama-docs", "neox-code", "gpt2-docstrings"]
 
 
-def _tiny_sources():
+def _tiny_sources(context: int = 128):
     from fusellm.demo.data import DemoSplits
     from fusellm.demo.sources import DemoSourcesRecipe, SourceRecipe
 
@@ -31,7 +31,7 @@ def _tiny_sources():
         "hidden": 16,
         "layers": 1,
         "heads": 2,
-        "context": 128,
+        "context": context,
         "steps": 2,
         "batch_size": 2,
         "warmup_steps": 0,
@@ -49,10 +49,12 @@ def _tiny_sources():
     )
 
 
-def _tiny_recipe():
+def _tiny_recipe(block_size: int = 128):
     from fusellm.demo.recipe import DemoRecipe
 
-    return DemoRecipe(fusion_bytes=4_000, block_size=128, margin=4, steps=2, batch=2, lam=0.9)
+    return DemoRecipe(
+        fusion_bytes=4_000, block_size=block_size, margin=4, steps=2, batch=2, lam=0.9
+    )
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +260,41 @@ def test_7b_recipe_parses():
     assert (t.adam_betas, t.weight_decay, t.max_grad_norm) == ((0.9, 0.95), 0.1, 1.0)
     assert (t.global_batch, t.epochs, t.bf16, t.zero_stage) == (128, 1, True, 2)
     assert config.evaluation.suites == ["bbh", "commonsense", "multipl-e"]
+
+
+def test_chat_demo_fuses_pairwise_on_conversations_and_merges(demo_runs):
+    """`fusellm demo --chat`: the same sources as chat models, one pairwise fusion per source
+    besides the target on the demo conversations, the merge as the fused model, its report."""
+    from fusellm.data.store import open_topk
+    from fusellm.demo.run import run_demo
+    from fusellm.settings import embedded_defaults
+    from fusellm_flows.fuse import fuse
+
+    root, _ = demo_runs
+    home = root / "home"
+    saved = {k: os.environ.get(k) for k in embedded_defaults(home)}
+    os.environ.update({k: v for k, v in embedded_defaults(home).items() if k != "PREFECT_HOME"})
+    try:
+        # Conversations are whole: sources with a window of 384 (the tiny tokenizers spend
+        # about a token per character).
+        report = run_demo(fuse, root / "chat", recipe=_tiny_recipe(384),
+                          sources_recipe=_tiny_sources(384), cache_dir=root / "cache", home=home,
+                          progress=False, chat=True)  # fmt: skip
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert list(report["metrics"]) == [*SOURCES, "baseline", "fused"]
+    work = root / "chat" / "work"
+    merged = [json.loads(p.read_text()) for p in work.glob("merge/*/stage.json")]
+    assert len(merged) == 1 and merged[0]["info"]["method"] == "sce"
+    assert len(merged[0]["info"]["models"]) == 2  # the two sources besides the target
+    pieces = json.loads(next(work.glob("pieces/*/stage.json")).read_text())["info"]
+    assert pieces["pieces"] >= 8 and pieces["dropped_long"] < pieces["texts"] / 2
+    for fused in work.glob("fused/*/store"):  # each pair's fused data: conversations
+        store = open_topk(fused)
+        assert store.meta["chat"] is True and store[0].trained.any()
+    config = (root / "chat" / "config.yaml").read_text()
+    assert "format: chat" in config and "mode: pairwise" in config

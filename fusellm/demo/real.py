@@ -39,6 +39,15 @@ REAL_RECIPE = DemoRecipe(
     steps=12,
 )
 
+# Gemma 3's turn format, for the base checkpoint, which ships no chat template (its instruct
+# sibling's, without the tool and image handling): chat corpora need one for every model.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}"
+    "<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 # Real models are large: a Gemma batch of 8 x 512 positions holds 4 GB of logits.
 REAL_CONFIG_UPDATES = {"extraction": {"batch_size": 4}, "evaluation": {"batch_size": 2}}
 REAL_HELDOUT_BYTES = 8_000  # per domain and part
@@ -49,7 +58,9 @@ def real_sources(progress: bool = True) -> dict[str, Path]:
     """The three models' folders, fetched and converted into the cache on first use."""
     from fusellm.io.pretrained import ensure_model
 
-    return {short: Path(ensure_model(name, progress=progress)) for short, name in REAL_MODELS.items()}
+    return {
+        short: Path(ensure_model(name, progress=progress)) for short, name in REAL_MODELS.items()
+    }
 
 
 def real_config(raw: dict) -> dict:

@@ -137,6 +137,51 @@ def demo_config(
     }
 
 
+# The tiny sources' tokenizers have no chat template: the demo gives them a ChatML-like one
+# (role lines, each turn closed by the tokenizer's EOS). Real instruct models bring their own;
+# the Gemma base checkpoint gets Gemma's (`fusellm.demo.real.GEMMA_CHAT_TEMPLATE`).
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def write_chat_corpus(folder: Path, recipe: DemoRecipe) -> int:
+    """The chat demo's corpus: the demo conversations' ``fusion`` split, up to the recipe's
+    fusion bytes over all domains, each short enough for the sources' window (a character a
+    token: the tiny sources' tokenizers have a few hundred entries)."""
+    from fusellm.demo.chat import conversations
+    from fusellm.demo.chat import write_chat_corpus as write
+
+    convs = conversations("fusion", max_bytes=recipe.fusion_bytes * 3, max_chars=recipe.block_size)
+    write(folder, convs)
+    return len(convs)
+
+
+def chat_config(raw: dict, corpus: Path, real: bool) -> dict:
+    """The demo's config as a FuseChat: conversations, a template for every model that lacks
+    one, pairwise fusion onto the target, then the merge (sce)."""
+    from fusellm.demo.real import GEMMA_CHAT_TEMPLATE
+
+    def templated(model: dict) -> dict:
+        if not real:
+            return {**model, "chat_template": DEMO_CHAT_TEMPLATE}
+        if model.get("name") == "gemma3" or model["uri"].endswith("gemma-3-270m"):
+            return {**model, "chat_template": GEMMA_CHAT_TEMPLATE}
+        return model
+
+    name = f"{raw['name']}-chat"
+    return {
+        **raw,
+        "name": name,
+        "target": templated(raw["target"]),
+        "sources": [templated(m) for m in raw["sources"]],
+        "corpus": {"uri": str(corpus), "format": "chat"},
+        "fusion": {**raw["fusion"], "mode": "pairwise"},
+        "tracking": {**raw["tracking"], "experiment": name, "registered_model": f"{name}-fused"},
+    }
+
+
 def flow_suite_results(run_id: str, suite: str = "local") -> dict[str, dict]:
     """{model label: per-task metrics} from the evaluation artifacts the flow logged to MLflow."""
     import mlflow
@@ -222,10 +267,12 @@ def prepare_demo(
     progress: bool = True,
     console=None,
     real: bool = False,
+    chat: bool = False,
 ) -> tuple[Path, FusionConfig]:
     """Steps 1-3 of the demo: sources (built or cached; `real`: the three real pretrained
     models, fetched into the cache), corpus and evaluation data, and ``<out>/config.yaml``;
-    returns the config file and the parsed config."""
+    returns the config file and the parsed config. `chat`: FuseChat on the demo conversations
+    (`fusellm.demo.chat`), pairwise, then merged."""
     from fusellm.config import parse_fusion_config
     from fusellm.demo import real as real_demo
     from fusellm.demo.sources import DEFAULT_RECIPE, build_sources
@@ -243,9 +290,13 @@ def prepare_demo(
         paths = build_sources(sources_recipe, cache_dir=cache_dir, progress=progress).paths
     rule("[bold]2/5 data")
     data = out / "data"
-    n_docs = write_corpus(data / "corpus.jsonl", recipe)
+    if chat:
+        n_docs = write_chat_corpus(data / "chat", recipe)
+    else:
+        n_docs = write_corpus(data / "corpus.jsonl", recipe)
     counts = write_eval_data(data / "eval", real_demo.REAL_HELDOUT_BYTES if real else None)
-    say(f"fusion corpus: {n_docs} documents; held-out: {counts}")
+    kind = "conversations" if chat else "documents"
+    say(f"fusion corpus: {n_docs} {kind}; held-out: {counts}")
     rule("[bold]3/5 config")
     raw = demo_config(
         recipe,
@@ -256,6 +307,8 @@ def prepare_demo(
     )
     if real:
         raw = real_demo.real_config(raw)
+    if chat:
+        raw = chat_config(raw, data / "chat", real)
     config_path = write_text_atomic(out / "config.yaml", yaml.safe_dump(raw, sort_keys=False))
     say(f"wrote {config_path}")
     return config_path, parse_fusion_config(raw, source=str(config_path))
@@ -271,10 +324,12 @@ def run_demo(
     home: str | Path | None = None,
     progress: bool = True,
     real: bool = False,
+    chat: bool = False,
 ) -> dict:
     """Build, fuse, evaluate and report; returns the report mapping (see `fusellm.demo.report`).
 
     `real`: fuse the three real pretrained models (`fusellm.demo.real`, `make demo-real`).
+    `chat`: fuse them as chat models on conversations, pairwise, then merge (FuseChat).
 
     `fuse` runs the fusion and returns its summary: the Prefect `fuse` flow (flows/fuse.py),
     handed in by the command line so that the library never imports the orchestration.
@@ -295,6 +350,7 @@ def run_demo(
         progress=progress,
         console=console,
         real=real,
+        chat=chat,
     )
     console.rule("[bold]4/5 the fuse flow (Prefect + MLflow)")
     summary = fuse(config)

@@ -108,6 +108,11 @@ def pieces_unit(
                 workers=config.pieces.workers or cores(),
             )
         manifest = write_piece_shards(pieces, folder, config.extraction.shard_size)
+        if not manifest["count"] and chat:
+            raise StageError(
+                f"corpus {config.corpus.uri}: none of its {tally.texts} conversations fits in "
+                f"pieces.block_size = {config.pieces.block_size} tokens with its first reply"
+            )
         if not manifest["count"]:
             raise StageError(f"corpus {config.corpus.uri}: no non-empty documents to fuse on")
         counts = (
