@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast test-gpu lint demo demo-real bench clean
+.PHONY: venv test test-fast test-gpu lint demo demo-real demo-chat bench clean
 
 venv: $(STAMP)
 
@@ -40,8 +40,12 @@ demo: $(STAMP)
 demo-real: $(STAMP)
 	$(BIN)/fusellm demo --real --out fusellm-demo-real
 
+# The demo as chat models (FuseChat): conversations, pairwise fusion, then a merge.
+demo-chat: $(STAMP)
+	$(BIN)/fusellm demo --chat --out fusellm-demo-chat
+
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) fusellm-demo fusellm-demo-real
+	rm -rf $(VENV) fusellm-demo fusellm-demo-real fusellm-demo-chat
