@@ -99,7 +99,6 @@ def fusion_config(stack, tmp_path_factory, monkeypatch_module):
     data["training"].update(max_steps=6, learning_rate=1e-2)
     data["extraction"]["shards_per_part"] = 8  # one part a model: a container each
     data["evaluation"]["data_dir"] = f"{WORK}/eval"
-    data["evaluation"]["sources"] = False  # the fused model and the baseline: 2 containers
     data["tracking"]["registered_model"] = MODEL
     data["execution"] = "deployments"
     return data
