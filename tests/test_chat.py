@@ -340,3 +340,34 @@ def test_a_chat_corpus_none_of_whose_conversations_fits_is_an_error(tiny):
     config = chat_config(root, models, [long, long], "too-long")
     with pytest.raises(StageError, match=r"none of its 2 conversations fits in pieces.block_size"):
         pipeline.walk(config, Executor(), until="prepare")
+
+
+def test_reply_bits_per_byte_scores_the_replies_given_the_conversation(tiny):
+    """The chat demo's held-out score: the NLL of the trained positions only, over the bytes
+    of the replies; a conversation longer than the model's window is left out and counted."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusellm.demo.chat import reply_bits_per_byte
+
+    _, models = tiny
+    llama, _ = tokenizers(models)
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    convs = [normalise_messages(c, "test") for c in conversations(3)]
+    too_long = normalise_messages(
+        [{"role": "user", "content": "Go on " * 80}, {"role": "assistant", "content": "No."}], "t"
+    )
+    got = reply_bits_per_byte(model, llama, [*convs, too_long], batch_size=2)
+    assert (got["conversations"], got["skipped"]) == (3, 1)
+    nats, size = 0.0, 0
+    with torch.no_grad():
+        for messages in convs:
+            view = render(messages, llama)
+            logits = model(torch.tensor([view.ids])).logits[0].double()
+            logp = torch.log_softmax(logits[:-1], -1)
+            nll = -logp[torch.arange(len(view.ids) - 1), torch.tensor(view.ids[1:])]
+            nats += float(nll[torch.tensor(view.trained[:-1])].sum())
+            size += view.assistant_bytes
+    assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / size, rel=1e-4)

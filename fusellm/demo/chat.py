@@ -143,3 +143,40 @@ def write_chat_corpus(folder: Path, convs: list[list[dict]]) -> Path:
     tmp.write_text("".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in convs))
     tmp.replace(folder / "conversations.jsonl")
     return folder
+
+
+def reply_bits_per_byte(model, tokenizer, convs: list[list[dict]], batch_size: int = 8) -> dict:
+    """Held-out score of a chat model: bits per byte of the replies, each predicted from the
+    conversation before it in the model's template (the trained positions of
+    `fusellm.data.chat.render`, the turn's end marker included). Conversations longer than the
+    model's window are left out and counted. Returns {"bits_per_byte", "conversations",
+    "skipped"}."""
+    import math
+
+    import torch
+
+    from fusellm.data.chat import render
+    from fusellm.demo.heldout import _batch_nll, model_window
+
+    window = model_window(model)
+    scored, skipped, n_bytes = [], 0, 0
+    for messages in convs:
+        view = render(messages, tokenizer)
+        if len(view.ids) > window:
+            skipped += 1
+            continue
+        ids = view.ids.tolist()
+        targets = [ids[t + 1] if view.trained[t] else -100 for t in range(len(ids) - 1)]
+        scored.append((ids[:-1], targets))
+        n_bytes += view.assistant_bytes
+    if not scored:
+        raise ValueError(f"no conversation fits the model's window of {window} tokens")
+    device = next(model.parameters()).device
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    total = 0.0
+    with torch.inference_mode():
+        for start in range(0, len(scored), batch_size):
+            chunk = scored[start : start + batch_size]
+            total += _batch_nll(model, chunk, pad_id=pad, device=device)
+    bits = total / math.log(2) / n_bytes
+    return {"bits_per_byte": bits, "conversations": len(scored), "skipped": skipped}

@@ -1,0 +1,141 @@
+"""FuseChat's quality protocol at the demo's scale: joint vs pairwise + SCE vs pairwise + task
+arithmetic, each paired with the SFT baseline of its seed, on held-out conversations.
+
+The demo's three sources (`fusellm.demo.sources`, built once and cached) as chat models (the
+demo's template, `fusellm.demo.run.DEMO_CHAT_TEMPLATE`), the target the Llama-style one; the
+corpus the demo conversations' fusion split (`fusellm.demo.chat`), each at most the window in
+characters. Per seed, in one work folder (stages are reused: extraction once for all, the
+baseline once per seed):
+
+- ``joint``: FuseLLM's one training against every source (λ 0.9);
+- ``pairwise-sce`` / ``pairwise-ta``: one training per source besides the target, merged with
+  mergekit's SCE or task arithmetic (the pairwise trainings are the same for both);
+- ``baseline``: plain SFT on the same conversations (λ 1).
+
+Each model is scored on the validation and the test conversations by the bits per byte of the
+replies given the conversation before them (`fusellm.demo.chat.reply_bits_per_byte`). A variant
+is chosen on validation; test is for reporting. A difference from the baseline is a win only
+when its mean over seeds lies more than twice its paired sd below zero.
+
+    .venv/bin/python benchmarks/bench_chat_quality.py --work /var/tmp/chat-quality
+    .venv/bin/python benchmarks/bench_chat_quality.py --work ... --seeds 0 1 2 --steps 200
+
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from _common import emit
+
+from fusellm.config import parse_fusion_config
+from fusellm.demo.chat import conversations, reply_bits_per_byte
+from fusellm.demo.quality import spread
+from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE
+from fusellm.demo.run import DEMO_CHAT_TEMPLATE, chat_config, demo_config, write_chat_corpus
+from fusellm.stages import pipeline
+from fusellm.stages.pipeline import Executor
+
+VARIANTS = {
+    "joint": {"fusion": {"mode": "joint"}},
+    "pairwise-sce": {"fusion": {"mode": "pairwise"}, "merge": {"method": "sce"}},
+    "pairwise-ta": {"fusion": {"mode": "pairwise"}, "merge": {"method": "task_arithmetic"}},
+}
+PARTS = ("validation", "test")
+
+
+def variant_config(raw: dict, name: str, seed: int):
+    data = {**raw, "training": {**raw["training"], "seed": seed}}
+    for section, values in VARIANTS[name].items():
+        data[section] = {**data.get(section, {}), **values}
+    data["tracking"] = {**data["tracking"], "register_model": False}
+    return parse_fusion_config(data)
+
+
+def score(folder: Path, heldout: dict) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    return {p: reply_bits_per_byte(model, tokenizer, heldout[p])["bits_per_byte"] for p in PARTS}
+
+
+def summary(scores: dict, seeds: list[int], part: str) -> dict:
+    out = {}
+    for name in [*VARIANTS, "baseline"]:
+        values = [scores[seed][name][part] for seed in seeds]
+        row = {"bpb": spread(values)}
+        if name != "baseline":
+            diff = spread([scores[s][name][part] - scores[s]["baseline"][part] for s in seeds])
+            diff["win"] = diff["mean"] < 0 and -diff["mean"] > 2 * diff["sd"]
+            row["difference"] = diff
+        out[name] = row
+    return out
+
+
+def print_table(table: dict, sources: dict, part: str) -> None:
+    print(f"\n{part}: held-out reply bits per byte (mean ± sd over seeds; difference = minus SFT)")
+    for name, bpb in sources.items():
+        print(f"  {name:>16}  {bpb[part]:.4f} (source)")
+    for name, row in table.items():
+        line = f"  {name:>16}  {row['bpb']['mean']:.4f} ± {row['bpb']['sd']:.4f}"
+        if "difference" in row:
+            d = row["difference"]
+            line += f"   {d['mean']:+.4f} ± {d['sd']:.4f}{'  win' if d['win'] else ''}"
+        print(line)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True, help="stages are reused here")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
+    parser.add_argument("--heldout", type=int, default=150, help="conversations per part")
+    args = parser.parse_args(argv)
+    from fusellm.demo.sources import build_sources
+
+    started = time.perf_counter()
+    recipe = DEFAULT_DEMO_RECIPE.model_copy(update={"steps": args.steps})
+    paths = build_sources(progress=False).paths
+    work = args.work.resolve()
+    n = write_chat_corpus(work / "chat", recipe)
+    (work / "eval").mkdir(parents=True, exist_ok=True)
+    raw = chat_config(
+        demo_config(recipe, paths, corpus=work / "chat", eval_dir=work / "eval",
+                    workdir=work / "work"),
+        work / "chat",
+        real=False,
+    )  # fmt: skip
+    heldout = {p: conversations(p, max_chars=recipe.block_size, limit=args.heldout) for p in PARTS}
+    print(f"{n} fusion conversations; held-out: "
+          + ", ".join(f"{p} {len(c)}" for p, c in heldout.items()))  # fmt: skip
+    sources = {name: score(path, heldout) for name, path in paths.items()}
+    scores: dict[int, dict] = {}
+    for seed in args.seeds:
+        scores[seed] = {}
+        for name in VARIANTS:
+            t0 = time.perf_counter()
+            f = pipeline.walk(variant_config(raw, name, seed), Executor(), until="train")
+            scores[seed][name] = score(f.trained["fused"].path / "model", heldout)
+            scores[seed].setdefault(
+                "baseline", score(f.trained["baseline"].path / "model", heldout)
+            )
+            print(f"seed {seed} {name}: {scores[seed][name]} ({time.perf_counter() - t0:.0f} s)")
+    tables = {p: summary(scores, args.seeds, p) for p in PARTS}
+    for p in PARTS:
+        print_table(tables[p], sources, p)
+    chosen = min(VARIANTS, key=lambda v: tables["validation"][v]["bpb"]["mean"])
+    print(f"\nchosen on validation: {chosen}; on test: {tables['test'][chosen]}")
+    result = {"chosen": chosen, "tables": tables, "sources": sources, "seeds": args.seeds,
+              "steps": args.steps, "conversations": n,
+              "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    emit(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
