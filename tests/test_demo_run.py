@@ -10,6 +10,7 @@ Determinism: a second run into a fresh folder recomputes every stage after the c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -68,18 +69,33 @@ def harness(tmp_path_factory):
         yield home
 
 
+@contextlib.contextmanager
+def _embedded_environment(home: Path):
+    """The embedded defaults (MLflow on SQLite under `home`...) in os.environ, then as before;
+    PREFECT_HOME stays the test harness's."""
+    from fusellm.settings import embedded_defaults
+
+    saved = {k: os.environ.get(k) for k in embedded_defaults(home)}
+    os.environ.update({k: v for k, v in embedded_defaults(home).items() if k != "PREFECT_HOME"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 @pytest.fixture(scope="module")
 def demo_runs(harness, tmp_path_factory):
     """Two tiny demos with the same seed, each in its own folder, sharing the source cache."""
     from fusellm.demo.run import run_demo
-    from fusellm.settings import embedded_defaults
     from fusellm_flows.fuse import fuse
 
     root = tmp_path_factory.mktemp("demo")
     home = root / "home"
-    saved = {k: os.environ.get(k) for k in embedded_defaults(home)}
-    os.environ.update({k: v for k, v in embedded_defaults(home).items() if k != "PREFECT_HOME"})
-    try:
+    with _embedded_environment(home):
         reports = [
             run_demo(
                 fuse,
@@ -92,12 +108,6 @@ def demo_runs(harness, tmp_path_factory):
             )
             for name in ("first", "second")
         ]
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     return root, reports
 
 
@@ -267,25 +277,16 @@ def test_chat_demo_fuses_pairwise_on_conversations_and_merges(demo_runs):
     besides the target on the demo conversations, the merge as the fused model, its report."""
     from fusellm.data.store import open_topk
     from fusellm.demo.run import run_demo
-    from fusellm.settings import embedded_defaults
     from fusellm_flows.fuse import fuse
 
     root, _ = demo_runs
     home = root / "home"
-    saved = {k: os.environ.get(k) for k in embedded_defaults(home)}
-    os.environ.update({k: v for k, v in embedded_defaults(home).items() if k != "PREFECT_HOME"})
-    try:
+    with _embedded_environment(home):
         # Conversations are whole: sources with a window of 384 (the tiny tokenizers spend
         # about a token per character).
         report = run_demo(fuse, root / "chat", recipe=_tiny_recipe(384),
                           sources_recipe=_tiny_sources(384), cache_dir=root / "cache", home=home,
                           progress=False, chat=True)  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
     assert list(report["metrics"]) == [*SOURCES, "baseline", "fused"]
     work = root / "chat" / "work"
     merged = [json.loads(p.read_text()) for p in work.glob("merge/*/stage.json")]
