@@ -10,6 +10,8 @@ baseline once per seed):
 - ``joint``: FuseLLM's one training against every source (λ 0.9);
 - ``pairwise-sce`` / ``pairwise-ta``: one training per source besides the target, merged with
   mergekit's SCE or task arithmetic (the pairwise trainings are the same for both);
+  ``pairwise-sce-all``: SCE keeping every element (`merge.select_topk: 1`), which shows what
+  its selection of the 10 % most varying elements costs;
 - ``baseline``: plain SFT on the same conversations (λ 1).
 
 Each model is scored on the validation and the test conversations by the bits per byte of the
@@ -43,6 +45,11 @@ VARIANTS = {
     "joint": {"fusion": {"mode": "joint"}},
     "pairwise-sce": {"fusion": {"mode": "pairwise"}, "merge": {"method": "sce"}},
     "pairwise-ta": {"fusion": {"mode": "pairwise"}, "merge": {"method": "task_arithmetic"}},
+    # SCE keeping every element: what its selection (10 % by default) costs
+    "pairwise-sce-all": {
+        "fusion": {"mode": "pairwise"},
+        "merge": {"method": "sce", "select_topk": 1.0},
+    },
 }
 PARTS = ("validation", "test")
 
