@@ -290,7 +290,7 @@ def test_chat_demo_fuses_pairwise_on_conversations_and_merges(demo_runs):
     assert list(report["metrics"]) == [*SOURCES, "baseline", "fused"]
     work = root / "chat" / "work"
     merged = [json.loads(p.read_text()) for p in work.glob("merge/*/stage.json")]
-    assert len(merged) == 1 and merged[0]["info"]["method"] == "sce"
+    assert len(merged) == 1 and merged[0]["info"]["method"] == "task_arithmetic"
     assert len(merged[0]["info"]["models"]) == 2  # the two sources besides the target
     pieces = json.loads(next(work.glob("pieces/*/stage.json")).read_text())["info"]
     assert pieces["pieces"] >= 8 and pieces["dropped_long"] < pieces["texts"] / 2
@@ -299,3 +299,4 @@ def test_chat_demo_fuses_pairwise_on_conversations_and_merges(demo_runs):
         assert store.meta["chat"] is True and store[0].trained.any()
     config = (root / "chat" / "config.yaml").read_text()
     assert "format: chat" in config and "mode: pairwise" in config
+    assert report["protocol"]["applies"] is None  # the recorded spread is the text demo's

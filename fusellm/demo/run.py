@@ -160,7 +160,8 @@ def write_chat_corpus(folder: Path, recipe: DemoRecipe) -> int:
 
 def chat_config(raw: dict, corpus: Path, real: bool) -> dict:
     """The demo's config as a FuseChat: conversations, a template for every model that lacks
-    one, pairwise fusion onto the target, then the merge (sce)."""
+    one, pairwise fusion onto the target, then the merge: task arithmetic, which the chat
+    protocol preferred at this scale to SCE's default selection (docs/fusechat.md)."""
     from fusellm.demo.real import GEMMA_CHAT_TEMPLATE
 
     def templated(model: dict) -> dict:
@@ -178,6 +179,7 @@ def chat_config(raw: dict, corpus: Path, real: bool) -> dict:
         "sources": [templated(m) for m in raw["sources"]],
         "corpus": {"uri": str(corpus), "format": "chat"},
         "fusion": {**raw["fusion"], "mode": "pairwise"},
+        "merge": {"method": "task_arithmetic"},
         "tracking": {**raw["tracking"], "experiment": name, "registered_model": f"{name}-fused"},
     }
 
@@ -358,7 +360,7 @@ def run_demo(
     results = flow_suite_results(summary["run_id"])
     metrics = {label: reporting.model_metrics(tasks) for label, tasks in results.items()}
     report = reporting.build_report(
-        "fused", "baseline", config.source_names, metrics, recipe=recipe
+        "fused", "baseline", config.source_names, metrics, recipe=None if chat else recipe
     )
     paths = reporting.write_report(report, out)
     _print_end(console, report, paths, home)
