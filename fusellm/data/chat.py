@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from fusellm.method.align import UNALIGNED, token_end_chars
+from fusellm.method.align import UNALIGNED, context_ends
 
 ROLES = ("system", "user", "assistant")
 _SLOT = "\u27e6fusellm-message-{}\u27e7"  # stands for a message while the template renders
@@ -129,7 +129,7 @@ def render(messages: list[dict], tokenizer) -> ChatView:
     ids = np.asarray(enc["input_ids"], dtype=np.int64)
     spans_of = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
     starts, stops = spans_of[:, 0], spans_of[:, 1]
-    _, rendered_ends = token_end_chars(text, tokenizer, ids=ids)
+    rendered_ends = context_ends(spans_of, text)  # as token_end_chars, from this one encoding
     a = np.array([s for s, _ in spans], dtype=np.int64)
     b = np.array([e for _, e in spans], dtype=np.int64)
     lengths = b - a

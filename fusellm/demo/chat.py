@@ -27,7 +27,8 @@ from fusellm.demo.data import (
     HELDOUT_PARTS,
     SPLITS,
     DemoSplits,
-    _bounds,
+    heldout_part_of,
+    split_of,
     split_position,
     stdlib_dir,
     stdlib_modules,
@@ -115,13 +116,14 @@ def conversations(
         pool += _code_exchanges(Path(root) if root else stdlib_dir())
     if "docs" in kinds:
         pool += _docs_exchanges()
-    low, high = _bounds(split, config)
     chosen = []
     for item in pool:
         messages = json.loads(item)
-        u = split_position(messages[-1]["content"])
-        if low <= u < high:
-            chosen.append((u, normalise_messages(messages, "demo conversation")))
+        answer = messages[-1]["content"]
+        if split in (split_of(answer, config), heldout_part_of(answer, config)):
+            chosen.append(
+                (split_position(answer), normalise_messages(messages, "demo conversation"))
+            )
     chosen.sort(key=lambda pair: pair[0])
     out, total = [], 0
     for _, messages in chosen:

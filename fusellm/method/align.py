@@ -48,7 +48,7 @@ def token_end_chars(text: str, tokenizer, *, role: str = "target", ids=None):
                 f"the ids have {len(ids)}; first difference at token {where}"
             )
     spans = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-    return got, _context_ends(spans, text)
+    return got, context_ends(spans, text)
 
 
 def _close_gaps(spans: np.ndarray, real: np.ndarray, text: str) -> np.ndarray:
@@ -68,7 +68,7 @@ def _close_gaps(spans: np.ndarray, real: np.ndarray, text: str) -> np.ndarray:
     return ends
 
 
-def _context_ends(spans: np.ndarray, text: str) -> np.ndarray:
+def context_ends(spans: np.ndarray, text: str) -> np.ndarray:
     """Character where each token's context ends, or -1 when it does not end on a character.
 
     Tokens that end inside a character share their span's end with the token that completes the

@@ -32,13 +32,20 @@ VERSIONS_FILE = Path(__file__).with_name("versions.json")
 
 # Stage -> the package files (or folders) whose code decides its output, relative to fusellm/.
 STAGE_CODE: dict[str, tuple[str, ...]] = {
-    "pieces": ("data/pieces.py", "io/corpus.py", "stages/prepare.py"),
-    "extract": ("data/extract.py", "data/store.py", "io/sources.py", "stages/extraction.py"),
+    "pieces": ("data/pieces.py", "data/chat.py", "io/corpus.py", "stages/prepare.py"),
+    "extract": (
+        "data/extract.py",
+        "data/chat.py",
+        "data/store.py",
+        "io/sources.py",
+        "stages/extraction.py",
+    ),
     "store": ("data/store.py", "stages/extraction.py"),
     "vocab": ("method/vocab.py", "method/tokens.py", "stages/fusion.py"),
     "fuse": (
         "method/align.py",
         "method/align_dtw.py",
+        "data/chat.py",
         "method/fuse.py",
         "method/vocab.py",
         "data/fused_data.py",
