@@ -1,5 +1,6 @@
-"""FuseChat's quality protocol at the demo's scale: joint vs pairwise + SCE vs pairwise + task
-arithmetic, each paired with the SFT baseline of its seed, on held-out conversations.
+"""FuseChat's quality protocol: joint vs pairwise + SCE vs pairwise + task arithmetic, each
+paired with the SFT baseline of its seed, on held-out conversations, at the demo's scale or
+(``--real``) on three real checkpoints.
 
 The demo's three sources (`fusellm.demo.sources`, built once and cached) as chat models (the
 demo's template, `fusellm.demo.run.DEMO_CHAT_TEMPLATE`), the target the Llama-style one; the
@@ -19,8 +20,14 @@ replies given the conversation before them (`fusellm.demo.chat.reply_bits_per_by
 is chosen on validation; test is for reporting. A difference from the baseline is a win only
 when its mean over seeds lies more than twice its paired sd below zero.
 
+With ``--real`` the models are those of `fusellm demo --real --chat` (`fusellm.demo.real`):
+SmolLM2-135M-Instruct as pivot, Qwen2.5-Coder-0.5B-Instruct and Gemma-3-270M (Gemma's turn
+format) as sources, with the real recipe (λ 0.9, top-10, learning rate 1e-4, batches of 4)
+and conversations of at most 512 characters; each model is scored in its own template.
+
     .venv/bin/python benchmarks/bench_chat_quality.py --work /var/tmp/chat-quality
     .venv/bin/python benchmarks/bench_chat_quality.py --work ... --seeds 0 1 2 --steps 200
+    .venv/bin/python benchmarks/bench_chat_quality.py --real --work /var/tmp/chat-quality-real
 
 The last line is one JSON object.
 """
@@ -34,10 +41,11 @@ from pathlib import Path
 from _common import emit
 
 from fusellm.config import parse_fusion_config
+from fusellm.demo import real
 from fusellm.demo.chat import conversations, reply_bits_per_byte
 from fusellm.demo.quality import spread
 from fusellm.demo.recipe import DEFAULT_DEMO_RECIPE
-from fusellm.demo.run import DEMO_CHAT_TEMPLATE, chat_config, demo_config, write_chat_corpus
+from fusellm.demo.run import chat_config, demo_config, write_chat_corpus
 from fusellm.stages import pipeline
 from fusellm.stages.pipeline import Executor
 
@@ -54,6 +62,15 @@ VARIANTS = {
 PARTS = ("validation", "test")
 
 
+def sources_of(real_models: bool) -> dict[str, Path]:
+    """The three sources' folders: the real checkpoints or the demo's tiny models."""
+    if real_models:
+        return real.real_sources(progress=False)
+    from fusellm.demo.sources import build_sources
+
+    return build_sources(progress=False).paths
+
+
 def variant_config(raw: dict, name: str, seed: int):
     data = {**raw, "training": {**raw["training"], "seed": seed}}
     for section, values in VARIANTS[name].items():
@@ -62,12 +79,14 @@ def variant_config(raw: dict, name: str, seed: int):
     return parse_fusion_config(data)
 
 
-def score(folder: Path, heldout: dict) -> dict:
+def score(folder: Path, heldout: dict, template: str | None) -> dict:
+    """Reply bits per byte on each held-out part, in `template` or the model's own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = DEMO_CHAT_TEMPLATE
+    if template is not None:
+        tokenizer.chat_template = template
     return {p: reply_bits_per_byte(model, tokenizer, heldout[p])["bits_per_byte"] for p in PARTS}
 
 
@@ -100,37 +119,54 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="stages are reused here")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per training")
-    parser.add_argument("--heldout", type=int, default=150, help="conversations per part")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps per training (default: 200; --real: 16)",
+    )
+    parser.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="conversations per part (default: 150; --real: 60)",
+    )
+    parser.add_argument(
+        "--real", action="store_true", help="three real pretrained models (fusellm.demo.real)"
+    )
     args = parser.parse_args(argv)
-    from fusellm.demo.sources import build_sources
+    steps = args.steps or (16 if args.real else 200)
+    n_heldout = args.heldout or (60 if args.real else 150)
 
     started = time.perf_counter()
-    recipe = DEFAULT_DEMO_RECIPE.model_copy(update={"steps": args.steps})
-    paths = build_sources(progress=False).paths
+    base = real.REAL_RECIPE if args.real else DEFAULT_DEMO_RECIPE
+    recipe = base.model_copy(update={"steps": steps})
+    paths = sources_of(args.real)
     work = args.work.resolve()
     n = write_chat_corpus(work / "chat", recipe)
     (work / "eval").mkdir(parents=True, exist_ok=True)
-    raw = chat_config(
-        demo_config(recipe, paths, corpus=work / "chat", eval_dir=work / "eval",
-                    workdir=work / "work"),
-        work / "chat",
-        real=False,
-    )  # fmt: skip
-    heldout = {p: conversations(p, max_chars=recipe.block_size, limit=args.heldout) for p in PARTS}
+    raw = demo_config(recipe, paths, corpus=work / "chat", eval_dir=work / "eval",
+                      workdir=work / "work")  # fmt: skip
+    if args.real:
+        raw = real.real_config(raw)
+    raw = chat_config(raw, work / "chat", real=args.real)
+    templates = {m["name"]: m.get("chat_template") for m in raw["sources"]}
+    pivot = templates[recipe.target]  # the trained models read the pivot's template
+    heldout = {p: conversations(p, max_chars=recipe.block_size, limit=n_heldout) for p in PARTS}
     print(f"{n} fusion conversations; held-out: "
           + ", ".join(f"{p} {len(c)}" for p, c in heldout.items()))  # fmt: skip
-    sources = {name: score(path, heldout) for name, path in paths.items()}
+    sources = {name: score(path, heldout, templates[name]) for name, path in paths.items()}
     scores: dict[int, dict] = {}
     for seed in args.seeds:
         scores[seed] = {}
         for name in VARIANTS:
             t0 = time.perf_counter()
             f = pipeline.walk(variant_config(raw, name, seed), Executor(), until="train")
-            scores[seed][name] = score(f.trained["fused"].path / "model", heldout)
-            scores[seed].setdefault(
-                "baseline", score(f.trained["baseline"].path / "model", heldout)
-            )
+            scores[seed][name] = score(f.trained["fused"].path / "model", heldout, pivot)
+            if "baseline" not in scores[seed]:
+                scores[seed]["baseline"] = score(
+                    f.trained["baseline"].path / "model", heldout, pivot
+                )
             print(f"seed {seed} {name}: {scores[seed][name]} ({time.perf_counter() - t0:.0f} s)")
     tables = {p: summary(scores, args.seeds, p) for p in PARTS}
     for p in PARTS:
@@ -138,7 +174,7 @@ def main(argv=None) -> dict:
     chosen = min(VARIANTS, key=lambda v: tables["validation"][v]["bpb"]["mean"])
     print(f"\nchosen on validation: {chosen}; on test: {tables['test'][chosen]}")
     result = {"chosen": chosen, "tables": tables, "sources": sources, "seeds": args.seeds,
-              "steps": args.steps, "conversations": n,
+              "steps": steps, "real": args.real, "conversations": n,
               "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     emit(result)
     return result
