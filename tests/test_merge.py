@@ -236,6 +236,20 @@ def test_equal_weights_give_the_mean_of_the_models(tiny, tmp_path, method):
         np.testing.assert_allclose(merged[name].numpy(), mean, rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_a_stale_mergekit_list_is_named_before_the_merge(tiny, tmp_path):
+    """mergekit's GPT-NeoX list names attention buffers that today's checkpoints do not hold:
+    the error names the architecture, a tensor and the folder, and nothing is written."""
+    pivot = tiny["odd"]["neox"]
+    assert not any(n.endswith("attention.bias") for n in _weights(pivot))
+    models = [_perturbed(pivot, tmp_path / f"neox-{i}", i) for i in range(2)]
+    out = tmp_path / "merged"
+    with pytest.raises(MergeError, match=r"cannot merge GPTNeoXForCausalLM checkpoints") as err:
+        merge_models(pivot, models, out, method="task_arithmetic")
+    assert "gpt_neox.layers.0.attention.bias" in str(err.value) and str(pivot) in str(err.value)
+    assert "fusion.mode: joint" in str(err.value)
+    assert not out.exists() and list(tmp_path.glob(".merged.merging-*")) == []
+
+
 def test_linear_weights_are_per_model(tiny, tmp_path):
     out = tmp_path / "linear"
     merge_models(

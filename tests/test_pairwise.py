@@ -103,3 +103,21 @@ def test_pairwise_across_nodes_is_refused_naming_both_fields(inputs):
         ValueError, match="pairwise trains each pair on one machine.*training.nodes"
     ):
         parse_fusion_config(data)
+
+
+def test_a_pivot_mergekit_cannot_merge_stops_before_any_training(inputs):
+    """A GPT-NeoX pivot (mergekit's list names attention buffers today's checkpoints lack):
+    the fusion stops at the trainings, before the first, naming the way out."""
+    from fusellm.stages.base import StageError
+
+    root, models, corpus = inputs
+    data = _config(root, models, corpus, ["neox", "llama", "llama-b"]).model_dump(mode="json")
+    data["target"] = {"uri": models["neox"]}
+    data["workdir"] = str(root / "neox-pivot")
+    config = parse_fusion_config(data)
+    with pytest.raises(StageError, match=r"merge: mergekit cannot merge GPTNeoXForCausalLM") as err:
+        pipeline.walk(config, Executor(), until="train")
+    assert "fusion.mode: joint" in str(err.value)
+    assert not (root / "neox-pivot" / "train").exists()
+    with pytest.raises(StageError, match="GPTNeoXForCausalLM"):  # a part on a GPU worker too
+        pipeline.train_part(config, Executor(), "pair-llama")

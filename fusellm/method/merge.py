@@ -224,6 +224,61 @@ def _own_random_state():
             np.random.set_state(numpy)
 
 
+def _unlisted(arch, model_config, held: set[str]) -> list[str]:
+    """The tensors mergekit's list `arch` requires that `held` (a model's names) lacks."""
+    weights = arch.all_weights(model_config)
+    return [w.name for w in weights if not w.optional and not ({w.name, *(w.aliases or ())} & held)]
+
+
+def _stale_list_error(architecture: str, missing: list[str], folder) -> MergeError:
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return MergeError(
+        f"mergekit cannot merge {architecture} checkpoints as transformers saves them today: "
+        f"its list of the architecture's tensors names {shown}, which {folder} does not hold. "
+        f"Fuse with fusion.mode: joint, or choose a pivot of another architecture "
+        f"(docs/merging.md)"
+    )
+
+
+def check_pivot(pivot: Path, trust_remote_code: bool = False) -> None:
+    """Before the pairwise trainings, not hours later at the merge: mergekit is installed and
+    can merge models of the pivot's architecture as our training saves them (the tensors a
+    model of the pivot's config holds, built on the meta device: no weights are read)."""
+    _mergekit()
+    import torch
+    from mergekit.architecture import arch_info_for_config
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(pivot, trust_remote_code=trust_remote_code)
+    arch = arch_info_for_config(config)
+    if arch is None:  # no list: mergekit infers the architecture from the checkpoints
+        return
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    missing = _unlisted(arch, config, set(model.state_dict()))
+    if missing:
+        raise _stale_list_error(config.architectures[0], missing, f"a model trained from {pivot}")
+
+
+def _check_listed_tensors(config, options, refs: list, folders: Mapping[str, Path]) -> None:
+    """mergekit merges by its JSON list of an architecture's tensors and stops at the first
+    listed tensor a model lacks, deep inside the merge. Some lists are older than what
+    transformers saves today (GPT-NeoX's names ``attention.bias`` and ``masked_bias``, buffers
+    that checkpoints written by transformers 4.3x and later, every model our training saves,
+    do not hold): say so up front, naming the architecture, the tensors and the model's folder
+    (`refs`: the pivot first; `folders`: each one's link path -> its folder)."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.architecture.auto import get_model_tensor_names
+
+    arch = get_architecture_info(config, options)
+    for ref in refs:
+        held = set(get_model_tensor_names(ref, options))
+        model_config = ref.config(trust_remote_code=options.trust_remote_code)
+        missing = _unlisted(arch, model_config, held)
+        if missing:
+            raise _stale_list_error(model_config.architectures[0], missing, folders[ref.model.path])
+
+
 def merge_models(
     pivot: Path,
     models: Sequence[Path],
@@ -266,9 +321,11 @@ def merge_models(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.merging-", dir=out.parent))
     refs = []
     try:
+        folders = {}  # mergekit's name for each input -> its folder
         for name, folder in [("pivot", pivot), *((f"model-{i}", m) for i, m in enumerate(models))]:
             (links / name).symlink_to(folder.resolve(), target_is_directory=True)
             refs.append(ModelReference(model=ModelPath(path=str(links / name))))
+            folders[str(links / name)] = folder
         config = MergeConfiguration(
             merge_method=method,
             base_model=refs[0],
@@ -294,6 +351,7 @@ def merge_models(
         )
         # as mergekit-yaml reads it, the inputs by their names above (run_merge rewrites it)
         config_yaml = config.to_yaml().replace(f"{links}{os.sep}", "") + "\n"
+        _check_listed_tensors(config, options, refs, folders)
         with _own_random_state():
             run_merge(config, str(work), options)
         record = {
