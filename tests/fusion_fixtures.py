@@ -107,6 +107,46 @@ def fusion_dict(models: dict[str, str], corpus: str, workdir: Path, tracking_uri
     }
 
 
+def write_chat_corpus(folder: Path, convs: list[list[dict]]) -> Path:
+    """Conversations as a JSONL chat corpus (`corpus.format: chat`), one record each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = "".join(json.dumps({"messages": c, "id": n}) + "\n" for n, c in enumerate(convs))
+    (folder / "chats.jsonl").write_text(lines)
+    return folder
+
+
+def chat_exchanges(texts: list[str], words: int = 24) -> list[list[dict]]:
+    """One exchange a text: a short request, answered with the text's first `words` words
+    (short enough for the tiny models' window in any template)."""
+    asks = ("Tell me more.", "Go on, please.", "What comes next?")
+    return [
+        [{"role": "user", "content": asks[n % len(asks)]},
+         {"role": "assistant", "content": " ".join(text.split()[:words])}]
+        for n, text in enumerate(texts)
+    ]  # fmt: skip
+
+
+def as_pairwise_chat(data: dict, corpus: str) -> dict:
+    """A tiny fusion's config as a FuseChat: the chat corpus at `corpus`, every model in the
+    demo's chat template, one pairwise fusion per source besides the target, merged onto the
+    target with task arithmetic."""
+    from fusellm.demo.run import DEMO_CHAT_TEMPLATE
+
+    def templated(model: dict) -> dict:
+        return {**model, "chat_template": DEMO_CHAT_TEMPLATE}
+
+    return {
+        **data,
+        "target": templated(data["target"]),
+        "sources": [templated(m) for m in data["sources"]],
+        "corpus": {"uri": corpus, "format": "chat"},
+        "pieces": {**data["pieces"], "block_size": 192},
+        "training": {**data["training"], "max_length": 192},
+        "fusion": {**data["fusion"], "mode": "pairwise"},
+        "merge": {"method": "task_arithmetic"},
+    }
+
+
 def write_fault_config(root: Path, models: dict, corpus: Path, name: str) -> Path:
     """The tiny fusion the fault-injection tests and benchmark kill and damage, as a JSON file:
     several extraction shards and a training with checkpoints to resume from."""

@@ -11,7 +11,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from fusion_fixtures import build_models, corpus_texts, fusion_dict, reseed_model
+from fusion_fixtures import (
+    build_models,
+    corpus_texts,
+    fusion_dict,
+    reseed_model,
+    write_chat_corpus,
+)
 
 from fusellm.config import parse_fusion_config
 from fusellm.data.chat import ChatError, normalise_messages, render
@@ -50,13 +56,6 @@ def conversations(n: int = 10) -> list[list[dict]]:
                       {"role": "assistant", "content": " ".join(answer.split()[:4]) + "."}]  # fmt: skip
         out.append(turns)
     return out
-
-
-def write_chat_corpus(folder: Path, convs: list[list[dict]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = "".join(json.dumps({"messages": c, "id": n}) + "\n" for n, c in enumerate(convs))
-    (folder / "chats.jsonl").write_text(lines)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -469,3 +469,54 @@ def test_plan_projects_the_cpu_stages_as_docs_scaling_does(tmp_path, monkeypatch
     assert cpu["wall_hours"] < 1.0
     shown = _invoke("plan", str(SEVEN_B), "--home", str(tmp_path / "h"), *sets).output
     assert "CPU: pieces" in shown and "on 64 workers" in shown
+
+
+def test_a_pairwise_chat_plan_lists_each_pair_its_training_and_the_merge(tmp_path, monkeypatch):
+    """FuseChat planned before anything runs: one fusion and one training per source besides
+    the pivot (K = 2 here), the CLM baseline, the merge of the K models; the estimate has a
+    fused store and a training per pair. Nothing is written."""
+    import shutil
+
+    from fusion_fixtures import (
+        as_pairwise_chat,
+        build_models,
+        chat_exchanges,
+        corpus_texts,
+        fusion_dict,
+        reseed_model,
+        write_chat_corpus,
+    )
+
+    texts = corpus_texts()
+    models = {k: str(v) for k, v in build_models(tmp_path / "models", texts).items()}
+    shutil.copytree(models["llama"], tmp_path / "llama-b")
+    reseed_model(tmp_path / "llama-b", 11)
+    corpus = write_chat_corpus(tmp_path / "chat", chat_exchanges(texts))
+    data = fusion_dict(models, "unused", tmp_path / "work", "")
+    data["sources"].append({"uri": str(tmp_path / "llama-b"), "name": "llama-b"})
+    data["tracking"].update(register_model=False, tracking_uri=None)
+    path = _write(tmp_path, as_pairwise_chat(data, str(corpus)))
+    monkeypatch.chdir(tmp_path)
+    before = _tree(tmp_path)
+    plan = _plan(path)
+    pending = _pending(plan)
+    pairs = ("neox", "llama-b")  # the pivot (llama) is no pair of its own
+    assert [u for u in pending if u.startswith("train-")] == [
+        *(f"train-pair-{p}" for p in pairs), "train-baseline"
+    ]  # fmt: skip
+    assert pending["merge"] == "input train-pair-neox, train-pair-llama-b change"
+    for p in pairs:
+        assert pending[f"train-pair-{p}"] == f"input fused-data-pair-{p} changes"
+        assert any(u.startswith(f"fuse-pair-{p}-shard") for u in pending)
+    assert pending["evaluate-fused-local"] == "input merge changes"
+    rows = [(r["stage"], r["what"]) for r in plan["estimate"]["rows"] if r["stage"] != "extract"]
+    assert rows == [
+        ("fuse", "fused store, pair neox"),
+        ("fuse", "fused store, pair llama-b"),
+        ("train", "pairwise model neox (lam 0.9)"),
+        ("train", "pairwise model llama-b (lam 0.9)"),
+        ("train", "CLM baseline (lam 1)"),
+    ]
+    text = _invoke("plan", str(path)).output
+    assert "train-pair-llama-b" in text and re.search(r"compute\s+merge\s", text), text
+    assert _tree(tmp_path) == before

@@ -348,27 +348,43 @@ def estimate(config: FusionConfig, report=None, *, mfu: float = 0.4, peak_tflops
     notes = _count_tokens(models, config, report)
     rows = _extraction_rows(models, config, report)
     target = next(m for m in models if "target" in m.roles)
-    fused_tokens = _done_info(report, "fused-data").get("tokens") or target.tokens
     per_token = store_bytes_per_token(config.extraction.top_k, False)
-    fused_bytes = None if fused_tokens is None else fused_tokens * per_token
-    fusion = _status(report, r"fuse-shard-\w+", "fused-data", r"vocab-map-.+")
-    rows.append(
-        Row("fuse", "fused store (target vocabulary)", fused_tokens, fused_bytes, None, fusion)
-    )
-    train_tokens, how = training_tokens(config, fused_tokens, report)
-    notes += [how] if how else []
-    runs = {"fused": f"fused model (lam {config.training.lam:g})"}
-    if config.evaluation.baseline:
-        runs["baseline"] = "CLM baseline (lam 1)"
-    known = train_tokens is not None and target.parameters is not None
-    flops = 6 * target.parameters * train_tokens if known else None
-    for label, what in runs.items():
+    runs = []
+    for label, (store, model, data, shards) in _fusions(config, models).items():
+        fused_tokens = _done_info(report, data).get("tokens") or target.tokens
+        fused_bytes = None if fused_tokens is None else fused_tokens * per_token
+        fusion = _status(report, shards, data, r"vocab-map-.+")
+        rows.append(Row("fuse", store, fused_tokens, fused_bytes, None, fusion))
+        runs.append((label, model, fused_tokens))
+    if config.evaluation.baseline:  # the same pieces as the fusions
+        runs.append(("baseline", "CLM baseline (lam 1)", runs[0][2]))
+    for label, what, tokens in runs:
+        train_tokens, how = training_tokens(config, tokens, report)
+        notes += [how] if how and how not in notes else []
+        known = train_tokens is not None and target.parameters is not None
+        flops = 6 * target.parameters * train_tokens if known else None
         rows.append(
             Row("train", what, train_tokens, None, flops, _status(report, f"train-{label}"))
         )
     notes.append("evaluation is not estimated: it depends on the suites' sizes and generation")
     cpu = cpu_estimate(config, target.tokens)
     return Estimate(mfu, peak_tflops, models, rows, notes, cpu)
+
+
+def _fusions(config: FusionConfig, models: list[ModelEstimate]) -> dict[str, tuple[str, ...]]:
+    """Training label -> (the fused store's row, the trained model's row, the fused data's unit
+    label, its shards' label pattern): one for joint fusion, one per pair for pairwise."""
+    lam = f"lam {config.training.lam:g}"
+    if config.fusion.mode == "joint":
+        return {
+            "fused": ("fused store (target vocabulary)", f"fused model ({lam})", "fused-data",
+                      r"fuse-shard-\w+")
+        }  # fmt: skip
+    return {
+        f"pair-{m.name}": (f"fused store, pair {m.name}", f"pairwise model {m.name} ({lam})",
+                           f"fused-data-pair-{m.name}", rf"fuse-pair-{re.escape(m.name)}-shard-\w+")
+        for m in models if "target" not in m.roles
+    }  # fmt: skip
 
 
 def _count_tokens(models: list[ModelEstimate], config: FusionConfig, report) -> list[str]:

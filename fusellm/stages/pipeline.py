@@ -17,13 +17,14 @@ stage work is carried out and where its numbers are logged.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 from fusellm.config import FusionConfig
-from fusellm.stages.base import Artifact, ModelFiles, Unit, cores, run_units_in_pool
+from fusellm.stages.base import Artifact, ModelFiles, StageError, Unit, cores, run_units_in_pool
 from fusellm.stages.devices import DEVICES
 from fusellm.stages.evaluation import Results, compare_unit, evaluate_unit, primary_scores
 from fusellm.stages.extraction import extract_unit, store_unit
@@ -269,7 +270,7 @@ def align_and_fuse(f: Fusion, ex: Executor) -> None:
             f.fused_data = _fuse(f, ex, list(zip(f.sources, maps)))
         else:  # one fused store per source, with the pivot (the target) as the other candidate
             for source, vmap in pivot_pairs(f, maps):
-                f.pairs[source.name] = _fuse(f, ex, [(source, vmap)])
+                f.pairs[source.name] = _fuse(f, ex, [(source, vmap)], pair=source.name)
 
 
 def pivot_pairs(f: Fusion, maps: list[Artifact]) -> list[tuple[ModelFiles, Artifact]]:
@@ -284,9 +285,12 @@ def pivot_pairs(f: Fusion, maps: list[Artifact]) -> list[tuple[ModelFiles, Artif
     return pairs
 
 
-def _fuse(f: Fusion, ex: Executor, sources: list[tuple[ModelFiles, Artifact]]) -> Artifact:
+def _fuse(
+    f: Fusion, ex: Executor, sources: list[tuple[ModelFiles, Artifact]], pair: str | None = None
+) -> Artifact:
     """Align-and-fuse units per shard (worker processes, `fusion.workers` at once, default the
-    cores) over the target and `sources`; the fused shards joined into one training store."""
+    cores) over the target and `sources`; the fused shards joined into one training store.
+    `pair`: pairwise fusion's source (it names the units)."""
     config = f.config
     units = [
         fuse_unit(
@@ -299,11 +303,26 @@ def _fuse(f: Fusion, ex: Executor, sources: list[tuple[ModelFiles, Artifact]]) -
         )
         for i, shard in enumerate(_shards(f))
     ]
-    fused_shards = ex.run_all(units, workers=config.fusion.workers or cores())
-    fused = ex.run(fused_unit(fused_shards, [v for _, v in sources], f.pieces, config))
+    fused_shards = ex.run_all(
+        [_of_pair(u, pair) for u in units], workers=config.fusion.workers or cores()
+    )
+    fused = ex.run(
+        _of_pair(fused_unit(fused_shards, [v for _, v in sources], f.pieces, config), pair)
+    )
     for name, stats in fused.info.get("sources_stats", {}).items():
         ex.tracker.metrics(stats, prefix=f"fusion/{name}")
     return fused
+
+
+def _of_pair(unit: Unit, pair: str | None) -> Unit:
+    """Pairwise fusion's units named after their pair (`fuse-pair-<source>-shard-<n>`,
+    `fused-data-pair-<source>`), so that a plan tells the K fusions apart. The name only:
+    the key, and so the output, is the unit's own."""
+    if pair is None:
+        return unit
+    if unit.label == "fused-data":
+        return dataclasses.replace(unit, label=f"fused-data-pair-{pair}")
+    return dataclasses.replace(unit, label=unit.label.replace("fuse-", f"fuse-pair-{pair}-", 1))
 
 
 def train(f: Fusion, ex: Executor) -> None:
@@ -312,6 +331,7 @@ def train(f: Fusion, ex: Executor) -> None:
     Pairwise: one model per pair (`pair-<source>`), independent trainings, then the fused model
     is their merge onto the pivot (`merge` stage; with one pair, that pair's model)."""
     config = f.config
+    _check_pivot(f)
     for label, unit in training_units(f).items():
         lam = unit.spec.get("lam")
         with ex.tracker.stage(f"train_{label}", params={"lam": lam}):
@@ -347,7 +367,21 @@ def train_part(
     units = training_units(f)
     if model not in units:
         raise UnknownPart(f"training part: no training {model!r} here ({', '.join(units)})")
+    _check_pivot(f)
     return ex.run(units[model])
+
+
+def _check_pivot(f: Fusion) -> None:
+    """Pairwise with more than one pair: the merge after the trainings can be done (mergekit
+    installed, the pivot's architecture mergeable), checked before hours of training."""
+    if f.config.fusion.mode != "pairwise" or len(f.pairs) < 2:
+        return
+    from fusellm.method.merge import MergeError, check_pivot
+
+    try:
+        check_pivot(f.target.path, f.target.ref.trust_remote_code)
+    except (MergeError, ModuleNotFoundError) as err:
+        raise StageError(f"merge: {err}") from err
 
 
 def merge(f: Fusion, ex: Executor, pairwise: list[Artifact]) -> Artifact:
