@@ -42,14 +42,17 @@ def extract(config: FusionConfig) -> dict:
 
 @flow(name="align-fuse")
 def align_fuse(config: FusionConfig) -> dict:
-    """Vocabulary maps and the aligned, fused training data."""
+    """Vocabulary maps and the aligned, fused training data (pairwise: one per source)."""
     done, states = _walk(config, "align_fuse")
+    if config.fusion.mode == "pairwise":
+        return {"pairs": {k: str(v.path) for k, v in done.pairs.items()}, "states": states}
     return {"fused_data": str(done.fused_data.path), "states": states}
 
 
 @flow(name="train")
 def train(config: FusionConfig) -> dict:
-    """Training of the fused model and the CLM baseline."""
+    """Training of the fused model and the CLM baseline (pairwise: a model per source, then
+    their merge, the fused model)."""
     done, states = _walk(config, "train")
     return {"models": {k: str(v.path / "model") for k, v in done.trained.items()}, "states": states}
 

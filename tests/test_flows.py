@@ -226,6 +226,24 @@ def test_stage_flows_run_alone_from_the_cache(harness, fusion):
     assert _folders(config.workdir) == before
 
 
+def test_pairwise_stage_flows_return_each_pair(harness, fusion):
+    """`align-fuse` and `train` as flows of their own (what `execution: deployments` runs) in
+    pairwise mode: a fused store per pair, a model per pair, the fused one."""
+    from fusellm_flows import stages
+
+    config, _, _ = fusion
+    pairwise = config.model_copy(
+        update={"fusion": config.fusion.model_copy(update={"mode": "pairwise"})}
+    )
+    fused = stages.align_fuse(pairwise)
+    assert set(fused["pairs"]) == {"neox"}  # the target (llama) is no pair of its own
+    assert Path(fused["pairs"]["neox"], "store").is_dir()
+    out = stages.train(pairwise)
+    assert set(out["models"]) == {"pair-neox", "baseline", "fused"}
+    assert out["models"]["fused"] == out["models"]["pair-neox"]  # one pair: nothing to merge
+    assert Path(out["models"]["fused"], "config.json").is_file()
+
+
 def test_run_command_runs_the_flow(harness, fusion, tmp_path, monkeypatch):
     """`fusellm run CONFIG` reads the YAML, applies the embedded defaults and runs `fuse`."""
     import yaml
