@@ -43,6 +43,7 @@ def test_dockerfile_shape(dockerfile):
     order = [text.index(s) for s in steps]
     assert order == sorted(order)  # torch, the dependencies, then the sources: layers cache
     assert "fusellm version" in text  # the image proves it works before it is tagged
+    assert re.search(r"orchestration (stack )?merge", text) and "mergekit.merge" in text  # merge
 
 
 def test_the_cuda_image_checks_its_toolkit_in_a_stage_of_its_own():
