@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 # Tests marked gpu need a CUDA device (and vLLM where they say so): pytest leaves them out
 # unless asked (pyproject.toml); `make test-gpu` runs them.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not gpu"
