@@ -3,14 +3,16 @@
 A Docker daemon of the tests' own (tests/containers.py) builds the base, the fusellm CPU image
 and the stack's Postgres and S3 images, and brings up infra/compose.yaml with its CI override.
 Then:
-1. the tiny fusion with `execution: deployments` runs as a `fuse` flow run in a container on
-   the Docker pool fusellm-cpu, which runs each stage as a run of its deployment, each in a
-   container of its own (train, and extraction and evaluation in parts, on fusellm-gpu); the
-   fused model is registered in
-   MLflow (its database in Postgres) with its files in the S3 store;
-2. the GPU pool holds its concurrency limit: stage runs submitted at once run one at a time;
-3. in Chromium, the `fuse` deployment is run from the Prefect UI's form and completes, and the
-   registered model and its `champion` alias show in the MLflow UI (screenshots kept);
+1. the GPU pool holds its concurrency limit: stage runs submitted at once run one at a time;
+2. the CUDA image's app stage builds and runs;
+3. in Chromium, a chat fusion (FuseChat: conversations, one pairwise fusion per source, then a
+   merge) with `execution: deployments` is run from the `fuse` deployment's form in the
+   Prefect UI. It runs as a `fuse` flow run in a container on the Docker pool fusellm-cpu,
+   which runs each stage as a run of its deployment, each in a container of its own: the
+   extraction parts, the K = 2 pairwise trainings and the CLM baseline side by side as
+   `train-part` runs, the merge and the evaluation parts on fusellm-gpu. The merged model is
+   registered in MLflow (its database in Postgres) with its files in the S3 store, and it and
+   its `champion` alias show in the MLflow UI (screenshots kept);
 4. the stack goes down and comes back up, and the runs, the model and its files are all there.
 """
 
@@ -20,6 +22,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import time
 from importlib.metadata import version
 from itertools import pairwise
@@ -35,13 +38,26 @@ from containers import (
     stack_settings,
     write_env,
 )
-from fusion_fixtures import EVAL_DATA, build_models, champion_texts, fusion_dict, write_corpus
+from fusion_fixtures import (
+    EVAL_DATA,
+    as_pairwise_chat,
+    build_models,
+    champion_texts,
+    chat_exchanges,
+    fusion_dict,
+    reseed_model,
+    write_chat_corpus,
+    write_corpus,
+)
 from support import api_json
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(3600)]
 
-STAGES = ("prepare", "align-fuse")  # training: train-part runs (joint: no merge to do)
+# The chat fusion's stage runs, each on its pool: pairwise, `train` finds the trainings done
+# (the train-part runs) and merges.
+STAGES = {"prepare": "fusellm-cpu", "align-fuse": "fusellm-cpu", "train": "fusellm-gpu"}
 PARTS = ("extract-part", "train-part", "evaluate-part")  # fanned out over the GPU pool
+PAIRS = ("llama-b", "llama-c")  # the pivot's retrained twins: K = 2 pairwise trainings
 WORK = "/data/fusellm"  # the shared work volume, in every container
 MODEL = "stack-fused"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -73,8 +89,9 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fusion_config(stack, tmp_path_factory, monkeypatch_module):
-    """The tiny fusion's models and corpus in the stack's S3 store, the evaluation data in the
-    work volume; the config as the `fuse` deployment's parameter."""
+    """The tiny fusion's models, the pivot's two retrained twins, a text corpus and a chat
+    corpus in the stack's S3 store, the evaluation data in the work volume; the text fusion's
+    config as the `fuse` deployment's parameter."""
     from fusellm.io.sources import upload_dir
 
     root = tmp_path_factory.mktemp("stack-inputs")
@@ -82,9 +99,15 @@ def fusion_config(stack, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.setenv("AWS_ACCESS_KEY_ID", stack.settings["S3_ACCESS_KEY"])
     monkeypatch_module.setenv("AWS_SECRET_ACCESS_KEY", stack.settings["S3_SECRET_KEY"])
     texts = champion_texts()
-    for name, path in build_models(root / "models", texts).items():
+    built = build_models(root / "models", texts)
+    for seed, twin in enumerate(PAIRS, start=11):
+        built[twin] = root / "models" / twin
+        shutil.copytree(built["llama"], built[twin])
+        reseed_model(built[twin], seed)
+    for name, path in built.items():
         upload_dir(path, f"s3://fusellm/models/{name}")
     upload_dir(write_corpus(root / "corpus", texts), "s3://fusellm/corpus")
+    upload_dir(write_chat_corpus(root / "chat", chat_exchanges(texts)), "s3://fusellm/chat")
     volume = stack.settings["FUSELLM_WORK_VOLUME"]
     stack.daemon.docker(
         "run", "--rm", "--network", "none", "--user", "10001",
@@ -105,6 +128,18 @@ def fusion_config(stack, tmp_path_factory, monkeypatch_module):
 
 
 @pytest.fixture(scope="module")
+def chat_config(fusion_config):
+    """The FuseChat run: the Llama-style pivot and its two twins (the merged model beats every
+    source on the held-out texts its replies hold, so `champion` moves to it), conversations,
+    pairwise fusion, a task-arithmetic merge."""
+    models = ("llama", *PAIRS)
+    data = {**fusion_config, "name": "stack-chat"}
+    data["target"] = {"uri": "s3://fusellm/models/llama"}
+    data["sources"] = [{"uri": f"s3://fusellm/models/{n}", "name": n} for n in models]
+    return as_pairwise_chat(data, "s3://fusellm/chat")
+
+
+@pytest.fixture(scope="module")
 def monkeypatch_module():
     with pytest.MonkeyPatch.context() as patch:
         yield patch
@@ -122,58 +157,19 @@ def _prefect(stack: Stack, coroutine_fn):
         return asyncio.run(call())
 
 
-def _runs_by_deployment(stack: Stack) -> list[tuple[str | None, object]]:
-    async def read(client):
-        deployments = {d.id: d.name for d in await client.read_deployments()}
-        return [(deployments.get(r.deployment_id), r) for r in await client.read_flow_runs()]
-
-    return _prefect(stack, read)
-
-
-def _container_id(run) -> str:
-    """The Docker worker records `<daemon>:<container id>` as the run's infrastructure."""
-    return (run.infrastructure_pid or "").rsplit(":", 1)[-1]
-
-
-def test_fusion_runs_stage_by_stage_in_containers(stack, fusion_config):
-    from mlflow import MlflowClient
-    from prefect.deployments import run_deployment
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    started = time.monotonic()
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api}):
-        run = run_deployment("fuse/fuse", parameters={"config": fusion_config}, timeout=1800)
-    TIMINGS["fusion"] = time.monotonic() - started
-    assert run.state.is_completed(), (run.state, stack.logs("worker-cpu", "worker-gpu"))
-
-    runs = _runs_by_deployment(stack)
-    fuse = [r for name, r in runs if name == "fuse"]
-    stages = {name: r for name, r in runs if name in STAGES}
-    parts = [(name, r) for name, r in runs if name in PARTS]
-    assert set(stages) == set(STAGES) and len(fuse) == 1
-    assert {name for name, _ in parts} == set(PARTS)
-    assert {n: r.work_pool_name for n, r in stages.items()} == {
-        "prepare": "fusellm-cpu",
-        "align-fuse": "fusellm-cpu",
+def _runs_by_deployment(stack: Stack, body: dict | None = None) -> list[tuple[str | None, dict]]:
+    """(deployment name, flow run) for the runs `body` filters, from the REST API (the tests
+    after the browser's cannot use the async client)."""
+    deployments = {
+        d["id"]: d["name"] for d in api_json(f"{stack.prefect_api}/deployments/filter", {})
     }
-    assert {r.work_pool_name for _, r in parts} == {"fusellm-gpu"}
-    children = [*stages.values(), *(r for _, r in parts)]
-    assert all(r.state.is_completed() and r.parent_task_run_id for r in children)
-    containers = {_container_id(r) for r in [*fuse, *children]}
-    assert len(containers) == 1 + len(children) and all(len(c) == 64 for c in containers)
+    runs = api_json(f"{stack.prefect_api}/flow_runs/filter", {"limit": 200, **(body or {})})
+    return [(deployments.get(r["deployment_id"]), r) for r in runs]
 
-    client = MlflowClient(stack.mlflow_url)
-    versions = client.search_model_versions(f"name='{MODEL}'")
-    assert len(versions) == 1
-    assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
-    # MLflow's records are in Postgres, the model's files in the S3 store.
-    rows = stack.compose(
-        "exec", "-T", "postgres", "psql", "-U", "fusellm", "-d", "mlflow", "-tA", "-c",
-        "select name from registered_models",
-    ).stdout.split()  # fmt: skip
-    assert MODEL in rows
-    keys = _artifact_keys(stack)
-    assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
+
+def _container_id(run: dict) -> str:
+    """The Docker worker records `<daemon>:<container id>` as the run's infrastructure."""
+    return (run["infrastructure_pid"] or "").rsplit(":", 1)[-1]
 
 
 def _artifact_keys(stack: Stack) -> list[str]:
@@ -182,8 +178,8 @@ def _artifact_keys(stack: Stack) -> list[str]:
 
 
 def test_gpu_pool_runs_one_stage_at_a_time(stack, fusion_config):
-    """Two extraction runs submitted at once (their work is done: each only checks) run one
-    after the other: the limits `fusellm pools` and compose.yaml configure (the pool's
+    """Two extraction runs of the text fusion submitted at once (the first extracts, the second
+    finds the work done) run one after the other: the limits `fusellm pools` and compose.yaml configure (the pool's
     concurrency limit, 1 here, and the GPU worker's `--limit 1`) hold."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -206,37 +202,6 @@ def test_gpu_pool_runs_one_stage_at_a_time(stack, fusion_config):
     assert all(r.state.is_completed() for r in runs), [r.state for r in runs]
     spans = sorted((r.start_time, r.end_time) for r in runs)
     assert all(earlier[1] <= later[0] for earlier, later in pairwise(spans)), spans
-
-
-def test_stack_restart_keeps_runs_model_and_artifacts(stack, tmp_path, monkeypatch):
-    from mlflow import MlflowClient
-    from mlflow.artifacts import download_artifacts
-
-    # Runs that ended (scheduled `refusion` runs are the scheduler's to re-make at will).
-    before = {r.id: r.state.type for _, r in _runs_by_deployment(stack) if r.state.is_final()}
-    assert len(before) >= 5
-    keys = _artifact_keys(stack)
-    weights = next(k for k in keys if k.endswith("model.safetensors"))
-    etag = stack.s3().head_object(Bucket="mlflow", Key=weights)["ETag"]
-
-    started = time.monotonic()
-    stack.compose("down", "--timeout", "30")
-    assert not stack.container("postgres")
-    stack.up()
-    TIMINGS["restart"] = time.monotonic() - started
-
-    after = {r.id: r.state.type for _, r in _runs_by_deployment(stack)}
-    assert {i: after.get(i) for i in before} == before
-    client = MlflowClient(stack.mlflow_url)
-    champion = client.get_model_version_by_alias(MODEL, "champion")
-    assert champion.status == "READY"
-    assert _artifact_keys(stack) == keys
-    assert stack.s3().head_object(Bucket="mlflow", Key=weights)["ETag"] == etag
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)  # models:/ resolves there
-    # Through the server: its presigned URLs name the store as the stack's network knows it.
-    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
-    files = download_artifacts(artifact_uri=f"models:/{MODEL}@champion", dst_path=str(tmp_path))
-    assert list(Path(files).rglob("model.safetensors")), sorted(Path(files).rglob("*"))
 
 
 def test_cuda_image_builds_up_to_its_cuda_checks(stack):
@@ -266,18 +231,18 @@ def _fuse_runs(stack: Stack) -> list[dict]:
     return api_json(f"{stack.prefect_api}/flow_runs/filter", body)
 
 
-# Last in the module: Playwright's sync API holds an event loop in this thread until the module
-# ends, so nothing after it may call asyncio (the Prefect client); it uses the REST API.
-def test_fuse_run_from_the_prefect_ui_form_and_champion_in_the_mlflow_ui(
-    stack, fusion_config, page, tmp_path
+# Playwright's sync API holds an event loop in this thread until the module ends: nothing after
+# this test may call asyncio (the Prefect client); it and those after it use the REST API.
+def test_chat_fusion_from_the_prefect_ui_form_runs_pairwise_on_the_pools_and_registers(
+    stack, chat_config, page, tmp_path
 ):
+    from mlflow import MlflowClient
     from playwright.sync_api import expect
 
     shots = Path(os.environ.get("FUSELLM_UI_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {shots}")
     prefect = stack.prefect_api.removesuffix("/api")
-    config = {**fusion_config, "name": "stack-ui"}
     earlier = {r["id"] for r in _fuse_runs(stack)}
     started = time.monotonic()
 
@@ -290,11 +255,11 @@ def test_fuse_run_from_the_prefect_ui_form_and_champion_in_the_mlflow_ui(
     page.screenshot(path=str(shots / "1-fuse-form.png"))
     page.locator("xpath=//*[normalize-space(text())='Parameters']/following::button[1]").click()
     page.get_by_text("Use JSON input", exact=True).click()
-    page.locator("textarea").first.fill(json.dumps({"config": config}, indent=2))
+    page.locator("textarea").first.fill(json.dumps({"config": chat_config}, indent=2))
     page.screenshot(path=str(shots / "2-fuse-form-json.png"))
     page.get_by_role("button", name="Submit", exact=True).click()
 
-    deadline = time.monotonic() + 1200
+    deadline = time.monotonic() + 1800
     while True:
         runs = [r for r in _fuse_runs(stack) if r["id"] not in earlier]
         assert len(runs) <= 1, "one Submit, one flow run"
@@ -302,14 +267,87 @@ def test_fuse_run_from_the_prefect_ui_form_and_champion_in_the_mlflow_ui(
             break
         assert time.monotonic() < deadline, runs and runs[0]["state_type"]
         time.sleep(5)
-    TIMINGS["run from the UI"] = time.monotonic() - started
-    assert runs[0]["state_type"] == "COMPLETED", (runs[0]["state"], stack.logs("worker-cpu"))
-    page.goto(f"{prefect}/runs/flow-run/{runs[0]['id']}")
+    TIMINGS["chat fusion from the UI"] = time.monotonic() - started
+    fuse = runs[0]
+    if fuse["state_type"] != "COMPLETED":  # the whole message: an assert's would be cut short
+        pytest.fail(f"fuse ended {fuse['state_type']}: {fuse['state']['message']}\n"
+                    + stack.logs("worker-cpu", "worker-gpu"))  # fmt: skip
+    page.goto(f"{prefect}/runs/flow-run/{fuse['id']}")
     expect(page.get_by_text("Completed", exact=True).first).to_be_visible()
     page.screenshot(path=str(shots / "3-fuse-run-completed.png"))
+
+    # Every stage a run of its deployment, on its pool, in a container of its own.
+    children = _runs_by_deployment(
+        stack, {"flow_runs": {"parent_flow_run_id": {"any_": [fuse["id"]]}}}
+    )
+    stages = {name: r for name, r in children if name in STAGES}
+    parts = [(name, r) for name, r in children if name in PARTS]
+    assert {n: r["work_pool_name"] for n, r in stages.items()} == STAGES
+    assert {name for name, _ in parts} == set(PARTS)
+    assert {r["work_pool_name"] for _, r in parts} == {"fusellm-gpu"}
+    models = {
+        name: sorted(r["parameters"]["model"] for n, r in parts if n == name) for name in PARTS
+    }
+    assert models["train-part"] == ["baseline", *(f"pair-{m}" for m in PAIRS)]  # side by side
+    assert len(models["extract-part"]) == 3  # one part a model
+    # every model scored: the sources, the pairwise models, the merged one and the baseline
+    assert set(models["evaluate-part"]) == {
+        "fused", "baseline", "llama", *PAIRS, *(f"pair-{m}" for m in PAIRS)
+    }  # fmt: skip
+    mine = [*stages.values(), *(r for _, r in parts)]
+    assert all(r["state_type"] == "COMPLETED" and r["parent_task_run_id"] for r in mine)
+    containers = {_container_id(r) for r in [fuse, *mine]}
+    assert len(containers) == 1 + len(mine) and all(len(c) == 64 for c in containers)
+
+    # The merged model registered: MLflow's records in Postgres, its files in the S3 store.
+    client = MlflowClient(stack.mlflow_url)
+    versions = client.search_model_versions(f"name='{MODEL}'")
+    assert len(versions) == 1
+    assert client.get_model_version_by_alias(MODEL, "champion").version == versions[0].version
+    rows = stack.compose(
+        "exec", "-T", "postgres", "psql", "-U", "fusellm", "-d", "mlflow", "-tA", "-c",
+        "select name from registered_models",
+    ).stdout.split()  # fmt: skip
+    assert MODEL in rows
+    keys = _artifact_keys(stack)
+    assert any(k.endswith("model.safetensors") for k in keys), keys[:20]
 
     # The registered model and its alias in the MLflow UI.
     page.goto(f"{stack.mlflow_url}/#/models/{MODEL}")
     version = page.get_by_role("row").filter(has_text="Version 1")
     expect(version.get_by_text(re.compile(r"^@\s*champion$")).first).to_be_visible()  # its alias
     page.screenshot(path=str(shots / "4-mlflow-model-champion.png"))
+
+
+# After the browser's test: Playwright's sync API holds an event loop in this thread until the
+# module ends, so this one uses the REST API, not the async Prefect client.
+def test_stack_restart_keeps_runs_model_and_artifacts(stack, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.artifacts import download_artifacts
+
+    # Runs that ended (scheduled `refusion` runs are the scheduler's to re-make at will).
+    before = {r["id"]: r["state_type"] for _, r in _runs_by_deployment(stack)
+              if r["state_type"] in FINAL}  # fmt: skip
+    assert len(before) >= 5
+    keys = _artifact_keys(stack)
+    weights = next(k for k in keys if k.endswith("model.safetensors"))
+    etag = stack.s3().head_object(Bucket="mlflow", Key=weights)["ETag"]
+
+    started = time.monotonic()
+    stack.compose("down", "--timeout", "30")
+    assert not stack.container("postgres")
+    stack.up()
+    TIMINGS["restart"] = time.monotonic() - started
+
+    after = {r["id"]: r["state_type"] for _, r in _runs_by_deployment(stack)}
+    assert {i: after.get(i) for i in before} == before
+    client = MlflowClient(stack.mlflow_url)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert champion.status == "READY"
+    assert _artifact_keys(stack) == keys
+    assert stack.s3().head_object(Bucket="mlflow", Key=weights)["ETag"] == etag
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)  # models:/ resolves there
+    # Through the server: its presigned URLs name the store as the stack's network knows it.
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+    files = download_artifacts(artifact_uri=f"models:/{MODEL}@champion", dst_path=str(tmp_path))
+    assert list(Path(files).rglob("model.safetensors")), sorted(Path(files).rglob("*"))
