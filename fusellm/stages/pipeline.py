@@ -17,11 +17,10 @@ stage work is carried out and where its numbers are logged.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fusellm.config import FusionConfig
 from fusellm.stages.base import Artifact, ModelFiles, StageError, Unit, cores, run_units_in_pool
@@ -321,8 +320,8 @@ def _of_pair(unit: Unit, pair: str | None) -> Unit:
     if pair is None:
         return unit
     if unit.label == "fused-data":
-        return dataclasses.replace(unit, label=f"fused-data-pair-{pair}")
-    return dataclasses.replace(unit, label=unit.label.replace("fuse-", f"fuse-pair-{pair}-", 1))
+        return replace(unit, label=f"fused-data-pair-{pair}")
+    return replace(unit, label=unit.label.replace("fuse-", f"fuse-pair-{pair}-", 1))
 
 
 def train(f: Fusion, ex: Executor) -> None:
